@@ -1,0 +1,277 @@
+"""Green-API HTTP client: URL building, timeouts, retries, error mapping, redaction.
+
+The token lives in the URL path, so this module never lets a URL or a library
+exception text escape unredacted: every error message is built here from the
+host, the status and a redacted reason.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import requests
+from requests.adapters import HTTPAdapter
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+from etl import USER_AGENT
+from etl.config import Instance
+from etl.errors import ApiError, PayloadError
+from etl.redact import redact
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUSES = frozenset({429, 499, 500, 502, 503, 504})
+MAX_BODY_BYTES = 256 * 1024 * 1024
+#: share of the poll interval that one sync (all attempts and waits) may spend on HTTP
+BUDGET_SHARE = 0.8
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    body: bytes
+    http_status: int
+    attempts: int
+
+
+def classify_400(text: str) -> str:
+    """Map the text of a Green-API 400 answer to an ``error_kind``."""
+    low = text.lower()
+    if "starting process" in low:
+        return "starting"
+    if "not authorized" in low:
+        return "not_authorized"
+    if "expired" in low or "deleted" in low:
+        return "expired"
+    return "bad_request"
+
+
+def _status_kind(status: int) -> tuple[str, bool]:
+    """(error_kind, retryable) for a non-200 status other than 400."""
+    if status == 401:
+        return "unauthorized", False
+    if status == 403:
+        return "forbidden", False
+    if status == 404:
+        return "not_found", False
+    if status == 429:
+        return "rate_limited", True
+    if status == 466:
+        return "quota_exceeded", False
+    if status in RETRYABLE_STATUSES:
+        return "server_error", True
+    if status >= 500:
+        return "server_error", False
+    if status >= 400:
+        return "bad_request", False
+    return "bad_payload", False
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _error_detail(status: int, body: bytes) -> str:
+    text = body[:4096].decode("utf-8", "replace")
+    if status == 466:  # quota: report the statuses Green-API puts in the JSON body
+        try:
+            data: Any = orjson.loads(body)
+            parts = [
+                f"{k}={data[k].get('status')}"
+                for k in ("invokeStatus", "correspondentsStatus")
+                if isinstance(data, dict) and isinstance(data.get(k), dict)
+            ]
+            if parts:
+                return ", ".join(parts)
+        except orjson.JSONDecodeError:
+            pass
+    return _short(redact(text), 200)
+
+
+class GreenApiClient:
+    """Fetches getChats for any configured instance. Thread-safe; one pooled session."""
+
+    def __init__(
+        self,
+        *,
+        pool_maxsize: int = 16,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 8.0,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        self._session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=pool_maxsize, pool_maxsize=pool_maxsize)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
+        self._backoff = wait_exponential_jitter(
+            initial=backoff_initial, max=backoff_max, jitter=backoff_initial
+        )
+        self._stop = threading.Event()
+        self._sleep = sleep or self._interruptible_sleep
+
+    def close(self) -> None:
+        self._session.close()
+
+    def interrupt(self) -> None:
+        """Cut retry waits short (used at shutdown); attempts in flight still finish."""
+        self._stop.set()
+
+    def _interruptible_sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    def get_chats(self, instance: Instance, *, budget_seconds: float | None = None) -> FetchResult:
+        """GET getChats with retries on transient failures, bounded by ``budget_seconds``.
+
+        Raises ApiError (with ``error_kind``, ``http_status`` and ``attempts``) on failure.
+        """
+        budget = budget_seconds if budget_seconds is not None else (
+            instance.interval_seconds * BUDGET_SHARE
+        )
+        deadline = time.monotonic() + budget
+        attempts = 0
+
+        def attempt() -> FetchResult:
+            nonlocal attempts
+            attempts += 1
+            return self._attempt(instance, deadline=deadline, attempt=attempts)
+
+        retrying = Retrying(
+            retry=retry_if_exception(lambda e: isinstance(e, ApiError) and e.retryable),
+            stop=stop_after_attempt(instance.max_attempts) | stop_before_delay(budget),
+            wait=self._wait,
+            sleep=self._sleep,
+            before_sleep=self._log_retry(instance),
+            reraise=True,
+        )
+        try:
+            return retrying(attempt)
+        except ApiError as exc:
+            exc.attempts = attempts
+            raise
+        except PayloadError as exc:
+            exc.attempts = attempts
+            raise
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, ApiError) and exc.retry_after is not None:
+            return exc.retry_after
+        return float(self._backoff(state))
+
+    @staticmethod
+    def _log_retry(instance: Instance) -> Callable[[RetryCallState], None]:
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0.0
+            log.warning(
+                "instance %s: attempt %d failed (%s), retrying in %.1fs",
+                instance.id_instance,
+                state.attempt_number,
+                exc,
+                wait,
+            )
+
+        return before_sleep
+
+    def _attempt(self, instance: Instance, *, deadline: float, attempt: int) -> FetchResult:
+        host = urlsplit(instance.api_url).netloc
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ApiError(
+                f"getChats on {host}: time budget exhausted",
+                error_kind="timeout",
+                retryable=False,
+            )
+        url = (
+            f"{instance.api_url}/waInstance{instance.id_instance}/getChats/"
+            f"{instance.token.get_secret_value()}"
+        )
+        params = {"count": str(instance.count)} if instance.count else None
+        timeout = (
+            min(instance.connect_timeout_seconds, remaining),
+            min(instance.timeout_seconds, remaining),
+        )
+        try:
+            response = self._session.get(
+                url, params=params, timeout=timeout, stream=True, allow_redirects=False
+            )
+            try:
+                body = self._read_body(response, deadline=deadline, host=host)
+            finally:
+                response.close()
+        except requests.Timeout as exc:
+            raise ApiError(
+                f"getChats on {host}: timed out ({type(exc).__name__})",
+                error_kind="timeout",
+                retryable=True,
+            ) from None
+        except requests.RequestException as exc:
+            raise ApiError(
+                f"getChats on {host}: {type(exc).__name__}: {_short(redact(str(exc)))}",
+                error_kind="connection",
+                retryable=True,
+            ) from None
+
+        status = response.status_code
+        if status == 200:
+            return FetchResult(body=body, http_status=status, attempts=attempt)
+        if status == 400:
+            text = body[:4096].decode("utf-8", "replace")
+            kind, retryable = classify_400(text), False
+        else:
+            kind, retryable = _status_kind(status)
+        raise ApiError(
+            f"getChats on {host}: HTTP {status}: {_error_detail(status, body)}",
+            error_kind=kind,
+            http_status=status,
+            retryable=retryable,
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        )
+
+    @staticmethod
+    def _read_body(response: requests.Response, *, deadline: float, host: str) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in response.iter_content(chunk_size=256 * 1024):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise PayloadError(
+                    f"getChats on {host}: body larger than {MAX_BODY_BYTES} bytes",
+                    http_status=response.status_code,
+                )
+            if time.monotonic() > deadline:
+                raise requests.Timeout("body not received within the time budget")
+        return b"".join(chunks)

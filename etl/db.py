@@ -1,0 +1,129 @@
+"""Engine factory, dialect specifics and Alembic helpers. The one place that knows dialects."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, Insert, Table, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+
+from etl.errors import DatabaseNotReady
+from etl.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+MIGRATIONS = ROOT / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def normalise_url(url: str) -> str:
+    """Accept ``postgresql://`` and ``postgres://`` for psycopg 3, the driver we ship."""
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u.render_as_string(hide_password=False)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Autocommit at the driver level; we issue BEGIN IMMEDIATE ourselves (see _sqlite_begin).
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA foreign_keys = ON")
+    cur.execute("PRAGMA journal_mode = WAL")
+    cur.execute("PRAGMA synchronous = NORMAL")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # Take the write lock at BEGIN: two writers then queue on busy_timeout instead of
+    # failing with "database is locked" when a read transaction tries to upgrade.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
+    """An engine with this project's settings for SQLite or PostgreSQL."""
+    url = normalise_url(url)
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return create_engine(
+        url,
+        echo=echo,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+    )
+
+
+def insert_for(conn: Connection, table: Table) -> Insert:
+    """A dialect insert that supports ON CONFLICT (PostgreSQL and SQLite)."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    if conn.dialect.name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"unsupported database: {conn.dialect.name}")
+
+
+def lock_instance(conn: Connection, instance_id: int) -> None:
+    """Serialise writers of one instance across processes, until the transaction ends.
+
+    PostgreSQL: a transaction-level advisory lock. SQLite: BEGIN IMMEDIATE already
+    holds the database write lock.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s, %s)", (4242, instance_id % 2**31))
+
+
+def alembic_config(url: str | None = None, connection: Connection | None = None) -> AlembicConfig:
+    cfg = AlembicConfig(str(ROOT / "alembic.ini")) if (ROOT / "alembic.ini").exists() else (
+        AlembicConfig()
+    )
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    if url is not None:
+        cfg.attributes["database_url"] = normalise_url(url)
+    return cfg
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(connection=conn), revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(connection=conn), revision)
+
+
+def require_current_schema(engine: Engine) -> None:
+    """Raise DatabaseNotReady unless the database is at the latest revision."""
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        where = redact_url(engine.url.render_as_string(hide_password=False))
+        state = "has no schema" if current is None else f"is at revision {current}"
+        raise DatabaseNotReady(
+            f"database {where} {state}, latest is {head}: run `etl db upgrade` first"
+        )

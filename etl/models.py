@@ -1,0 +1,168 @@
+"""SQLAlchemy 2.x models. Table and column names are a public contract (BI queries use them)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    Text,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+SYNC_STATUSES = ("ok", "anomaly", "failed")
+
+#: BIGINT on PostgreSQL, INTEGER on SQLite (where only INTEGER PRIMARY KEY autoincrements)
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """TIMESTAMPTZ on PostgreSQL; on SQLite a UTC text timestamp. Always returns aware UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; every timestamp must be timezone-aware")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # raw SQLite text from a func/aggregate
+            value = datetime.fromisoformat(value)
+        assert isinstance(value, datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime()}
+
+
+class InstanceRow(Base):
+    """A configured Green-API instance. Never holds a token."""
+
+    __tablename__ = "instances"
+
+    id_instance: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    label: Mapped[str] = mapped_column(Text, default="")
+    api_url: Mapped[str] = mapped_column(Text)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class Chat(Base):
+    __tablename__ = "chats"
+
+    instance_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("instances.id_instance"), primary_key=True
+    )
+    chat_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    chat_type: Mapped[str] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(Text)
+    archived: Mapped[bool] = mapped_column(Boolean)
+    ephemeral_expiration: Mapped[int] = mapped_column(Integer)
+    ephemeral_setting_at: Mapped[datetime | None]
+    first_seen_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    removed_at: Mapped[datetime | None]
+
+
+class ChatEphemeralHistory(Base):
+    """SCD type 2: one row per ephemeral setting period; ``valid_to IS NULL`` is current."""
+
+    __tablename__ = "chat_ephemeral_history"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["instance_id", "chat_id"],
+            ["chats.instance_id", "chats.chat_id"],
+            name="fk_chat_ephemeral_history_chat",
+        ),
+        CheckConstraint("valid_to IS NULL OR valid_to > valid_from", name="valid_interval"),
+        Index(
+            "uq_chat_ephemeral_history_open",
+            "instance_id",
+            "chat_id",
+            unique=True,
+            postgresql_where=text("valid_to IS NULL"),
+            sqlite_where=text("valid_to IS NULL"),
+        ),
+        Index("ix_chat_ephemeral_history_chat", "instance_id", "chat_id", "valid_from"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    instance_id: Mapped[int] = mapped_column(BigInteger)
+    chat_id: Mapped[str] = mapped_column(Text)
+    ephemeral_expiration: Mapped[int] = mapped_column(Integer)
+    ephemeral_setting_at: Mapped[datetime | None]
+    valid_from: Mapped[datetime]
+    valid_to: Mapped[datetime | None]
+    sync_run_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("sync_runs.id"))
+
+
+class SyncRun(Base):
+    """One row per instance per tick, whatever the outcome."""
+
+    __tablename__ = "sync_runs"
+    __table_args__ = (
+        CheckConstraint("status IN ('ok', 'anomaly', 'failed')", name="status"),
+        Index("ix_sync_runs_instance_started", "instance_id", "started_at"),
+        Index("ix_sync_runs_started_at", "started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    instance_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("instances.id_instance"))
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime]
+    status: Mapped[str] = mapped_column(Text)
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    error_kind: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    chats_received: Mapped[int] = mapped_column(Integer, default=0)
+    chats_inserted: Mapped[int] = mapped_column(Integer, default=0)
+    chats_updated: Mapped[int] = mapped_column(Integer, default=0)
+    chats_removed: Mapped[int] = mapped_column(Integer, default=0)
+    chats_rejected: Mapped[int] = mapped_column(Integer, default=0)
+    ephemeral_changes: Mapped[int] = mapped_column(Integer, default=0)
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class InstanceSyncState(Base):
+    """Per-instance memory between ticks (the mass-removal confirmation streak)."""
+
+    __tablename__ = "instance_sync_state"
+
+    instance_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("instances.id_instance"), primary_key=True
+    )
+    pending_removal_digest: Mapped[str | None] = mapped_column(Text)
+    pending_removal_streak: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime]
