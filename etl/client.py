@@ -25,7 +25,8 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_before_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from etl import USER_AGENT
@@ -135,8 +136,9 @@ class GreenApiClient:
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self._session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
-        self._backoff = wait_exponential_jitter(
-            initial=backoff_initial, max=backoff_max, jitter=backoff_initial
+        # exponential backoff plus up to one base step of random jitter
+        self._backoff = wait_exponential(multiplier=backoff_initial, max=backoff_max) + (
+            wait_random(0, backoff_initial)
         )
         self._stop = threading.Event()
         self._sleep = sleep or self._interruptible_sleep
@@ -156,8 +158,10 @@ class GreenApiClient:
 
         Raises ApiError (with ``error_kind``, ``http_status`` and ``attempts``) on failure.
         """
-        budget = budget_seconds if budget_seconds is not None else (
-            instance.interval_seconds * BUDGET_SHARE
+        budget = (
+            budget_seconds
+            if budget_seconds is not None
+            else (instance.interval_seconds * BUDGET_SHARE)
         )
         deadline = time.monotonic() + budget
         attempts = 0

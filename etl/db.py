@@ -10,7 +10,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, Insert, Table, create_engine, event
+from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
@@ -68,7 +68,7 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
     )
 
 
-def insert_for(conn: Connection, table: Table) -> Insert:
+def insert_for(conn: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:
     """A dialect insert that supports ON CONFLICT (PostgreSQL and SQLite)."""
     if conn.dialect.name == "postgresql":
         return postgresql.insert(table)
@@ -88,8 +88,10 @@ def lock_instance(conn: Connection, instance_id: int) -> None:
 
 
 def alembic_config(url: str | None = None, connection: Connection | None = None) -> AlembicConfig:
-    cfg = AlembicConfig(str(ROOT / "alembic.ini")) if (ROOT / "alembic.ini").exists() else (
-        AlembicConfig()
+    cfg = (
+        AlembicConfig(str(ROOT / "alembic.ini"))
+        if (ROOT / "alembic.ini").exists()
+        else (AlembicConfig())
     )
     cfg.set_main_option("script_location", str(MIGRATIONS))
     if connection is not None:

@@ -37,6 +37,7 @@ class ChatRecord:
 class Rejected:
     index: int
     reason: str
+    chat_id: str | None = None  # the normalised id when it could be read
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,15 @@ def decode_chat(item: object) -> ChatRecord:
     )
 
 
+def _readable_id(item: object) -> str | None:
+    if not isinstance(item, dict):
+        return None
+    try:
+        return normalise_chat_id(item.get("id"))
+    except _Bad:
+        return None
+
+
 def decode_chats(body: bytes | str) -> DecodedChats:
     """Decode a getChats body. Raises PayloadError when it is not a JSON array."""
     try:
@@ -146,10 +156,10 @@ def decode_chats(body: bytes | str) -> DecodedChats:
         try:
             chat = decode_chat(item)
         except _Bad as exc:
-            rejected.append(Rejected(index, str(exc)))
+            rejected.append(Rejected(index, str(exc), _readable_id(item)))
             continue
         if chat.chat_id in seen:
-            rejected.append(Rejected(index, f"duplicate id {chat.chat_id!r}"))
+            rejected.append(Rejected(index, f"duplicate id {chat.chat_id!r}", chat.chat_id))
             continue
         seen.add(chat.chat_id)
         chats.append(chat)

@@ -1,0 +1,435 @@
+"""The command line (thin: parse, call, print). ``etl --help`` lists the commands."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from sqlalchemy import Engine, text
+
+from etl import __version__
+from etl.client import GreenApiClient
+from etl.config import AppConfig, Instance, load_config
+from etl.db import (
+    current_revision,
+    downgrade,
+    head_revision,
+    make_engine,
+    require_current_schema,
+    upgrade,
+)
+from etl.errors import EtlError
+from etl.logs import setup_logging
+from etl.redact import redact, redact_url
+from etl.scheduler import Daemon
+from etl.sync import Syncer, SyncOutcome, register_instances
+
+log = logging.getLogger("etl.cli")
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEMO_DATABASE_URL = "sqlite:///chats-demo.db"
+
+
+def _store(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    # ctx.meta is shared by the group and its subcommands, so an option given before or
+    # after the subcommand lands in the same place; the later one wins.
+    if value is not None and param.name is not None:
+        ctx.meta[f"etl.{param.name}"] = value
+    return value
+
+
+def global_options(f: F) -> F:
+    """Options accepted both before and after the subcommand name."""
+    options = [
+        click.option(
+            "--config",
+            "config",
+            metavar="PATH",
+            default=None,
+            expose_value=False,
+            callback=_store,
+            help="Config file (default: $ETL_CONFIG, else ./etl.toml).",
+        ),
+        click.option(
+            "--database-url",
+            "database_url",
+            metavar="URL",
+            default=None,
+            expose_value=False,
+            callback=_store,
+            help="SQLAlchemy URL (default: $ETL_DATABASE_URL, else the config's "
+            "database_url, else sqlite:///chats.db).",
+        ),
+        click.option(
+            "--log-level",
+            "log_level",
+            type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+            default=None,
+            expose_value=False,
+            callback=_store,
+            help="Log level (default INFO).",
+        ),
+        click.option(
+            "--log-format",
+            "log_format",
+            type=click.Choice(["text", "json"]),
+            default=None,
+            expose_value=False,
+            callback=_store,
+            help="Log line format (default text).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _opt(name: str) -> Any:
+    return click.get_current_context().meta.get(f"etl.{name}")
+
+
+def _setup_logging() -> None:
+    setup_logging(_opt("log_level") or "INFO", _opt("log_format") or "text")
+
+
+def _load(*, instances: bool = True) -> AppConfig:
+    return load_config(
+        config_path=_opt("config"), database_url=_opt("database_url"), load_instances=instances
+    )
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {redact(message)}", err=True)
+    sys.exit(code)
+
+
+class EtlGroup(click.Group):
+    """Turns our own errors into one clean line on stderr instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EtlError as exc:
+            _fail(str(exc))
+
+
+@click.group(cls=EtlGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@global_options
+@click.version_option(__version__, prog_name="chatsync")
+def cli() -> None:
+    """chatsync: sync Green-API getChats into SQL, with the history of disappearing-message
+    settings.
+
+    \b
+    Quick start:
+      etl demo                 try it against the bundled simulator
+      etl db upgrade           create or upgrade the schema
+      etl sync --once          one pass over every configured instance
+      etl run                  the daemon
+    """
+
+
+# -- db --------------------------------------------------------------------------------
+
+
+@cli.group(cls=EtlGroup)
+@global_options
+def db() -> None:
+    """Schema management (Alembic)."""
+
+
+def _engine(cfg: AppConfig) -> Engine:
+    return make_engine(cfg.database_url)
+
+
+@db.command("upgrade")
+@global_options
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Create or upgrade the schema to REVISION (default: head)."""
+    _setup_logging()
+    cfg = _load(instances=False)
+    engine = _engine(cfg)
+    try:
+        upgrade(engine, revision)
+        click.echo(f"{redact_url(cfg.database_url)} is at revision {current_revision(engine)}")
+    finally:
+        engine.dispose()
+
+
+@db.command("downgrade")
+@global_options
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    """Downgrade the schema to REVISION ("base" removes every table)."""
+    _setup_logging()
+    cfg = _load(instances=False)
+    engine = _engine(cfg)
+    try:
+        downgrade(engine, revision)
+        click.echo(f"{redact_url(cfg.database_url)} is at revision {current_revision(engine)}")
+    finally:
+        engine.dispose()
+
+
+@db.command("current")
+@global_options
+def db_current() -> None:
+    """Show the database's revision and the latest one."""
+    _setup_logging()
+    cfg = _load(instances=False)
+    engine = _engine(cfg)
+    try:
+        current, head = current_revision(engine), head_revision()
+    finally:
+        engine.dispose()
+    state = "up to date" if current == head else "behind: run `etl db upgrade`"
+    click.echo(f"{redact_url(cfg.database_url)}: current={current} head={head} ({state})")
+
+
+# -- sync ------------------------------------------------------------------------------
+
+
+def _prepare(cfg: AppConfig, only: Sequence[int] = ()) -> tuple[Engine, list[Instance]]:
+    if not cfg.instances:
+        where = cfg.source or "the config file"
+        raise EtlError(f"no instances configured in {where} (see README: Configuration)")
+    instances = [i for i in cfg.instances if i.enabled]
+    if only:
+        unknown = set(only) - {i.id_instance for i in cfg.instances}
+        if unknown:
+            raise EtlError(f"not in the config: {', '.join(map(str, sorted(unknown)))}")
+        instances = [i for i in instances if i.id_instance in only]
+    engine = make_engine(cfg.database_url, pool_size=cfg.scheduler.max_workers)
+    require_current_schema(engine)
+    register_instances(engine, cfg.instances)
+    return engine, instances
+
+
+def _print_outcomes(outcomes: Sequence[SyncOutcome]) -> None:
+    header = f"{'instance':>12}  {'status':8} {'kind':16} {'recv':>6} {'new':>5} {'upd':>5} "
+    header += f"{'rem':>5} {'rej':>4} {'eph':>4} {'try':>3} {'ms':>6}"
+    click.echo(header)
+    for o in outcomes:
+        click.echo(
+            f"{o.instance_id:>12}  {o.status:8} {o.error_kind or '-':16} {o.chats_received:>6} "
+            f"{o.chats_inserted:>5} {o.chats_updated:>5} {o.chats_removed:>5} "
+            f"{o.chats_rejected:>4} {o.ephemeral_changes:>4} {o.attempts:>3} {o.duration_ms:>6}"
+        )
+        if o.error:
+            click.echo(f"{'':>14}{redact(o.error)}")
+
+
+@cli.command("sync")
+@global_options
+@click.option("--once", is_flag=True, help="One pass over every enabled instance, then exit.")
+@click.option("--instance", "only", type=int, multiple=True, help="Only this id (repeatable).")
+@click.option("--workers", type=int, default=None, help="Parallel syncs (default: config).")
+def sync_cmd(once: bool, only: tuple[int, ...], workers: int | None) -> None:
+    """Sync every configured instance once.
+
+    Exit status: 0 when every instance ended ok or anomaly, 1 when any failed.
+    """
+    if not once:
+        raise click.UsageError("use `etl sync --once` for one pass, or `etl run` for the daemon")
+    _setup_logging()
+    cfg = _load()
+    engine, instances = _prepare(cfg, only)
+    client = GreenApiClient(pool_maxsize=workers or cfg.scheduler.max_workers)
+    syncer = Syncer(engine, client)
+    try:
+        with ThreadPoolExecutor(max_workers=workers or cfg.scheduler.max_workers) as pool:
+            outcomes = list(pool.map(syncer.sync, instances))
+    finally:
+        client.close()
+        engine.dispose()
+    _print_outcomes(outcomes)
+    sys.exit(1 if any(o.status == "failed" for o in outcomes) else 0)
+
+
+@cli.command("run")
+@global_options
+@click.option("--workers", type=int, default=None, help="Thread pool size (default: config).")
+def run_cmd(workers: int | None) -> None:
+    """Run the daemon: every enabled instance every interval until SIGTERM/SIGINT."""
+    _setup_logging()
+    cfg = _load()
+    engine, instances = _prepare(cfg)
+    max_workers = workers or cfg.scheduler.max_workers
+    client = GreenApiClient(pool_maxsize=max_workers)
+    daemon = Daemon(
+        syncer=Syncer(engine, client),
+        instances=instances,
+        max_workers=max_workers,
+        shutdown_timeout=cfg.scheduler.shutdown_timeout_seconds,
+    )
+    log.info(
+        "chatsync %s: %d instances into %s",
+        __version__,
+        len(instances),
+        redact_url(cfg.database_url),
+    )
+    try:
+        clean = daemon.run_forever()
+    finally:
+        client.close()
+        engine.dispose()
+    sys.exit(0 if clean else 1)
+
+
+# -- simulator and demo ----------------------------------------------------------------
+
+
+@cli.command("simulate")
+@global_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=int, default=8080, show_default=True, help="Port (0: any free).")
+@click.option("--instances", type=int, default=5, show_default=True)
+@click.option("--chats", type=int, default=200, show_default=True, help="Chats per instance.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--token", default=None, help="Token every instance accepts (default: derived).")
+@click.option(
+    "--tick-seconds",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Evolve the chats (renames, ephemeral changes, ...) this often; 0 = never.",
+)
+@click.option("--interval", type=int, default=60, show_default=True, help="For the config.")
+def simulate_cmd(
+    host: str,
+    port: int,
+    instances: int,
+    chats: int,
+    seed: int,
+    token: str | None,
+    tick_seconds: float,
+    interval: int,
+) -> None:
+    """Serve a Green-API simulator on loopback and print a config for it."""
+    from etl.simulator import Simulator
+
+    _setup_logging()
+    sim = Simulator(
+        instances=instances,
+        chats=chats,
+        seed=seed,
+        token=token,
+        host=host,
+        port=port,
+        tick_seconds=tick_seconds or None,
+    )
+    sim.start()
+    click.echo(f"# Green-API simulator on {sim.url}: save this as etl.toml, then `etl sync --once`")
+    click.echo(sim.config_toml(interval_seconds=interval))
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sim.stop()
+
+
+@cli.command("demo")
+@global_options
+@click.option("--instances", type=int, default=3, show_default=True)
+@click.option("--chats", type=int, default=40, show_default=True, help="Chats per instance.")
+@click.option("--ticks", type=int, default=3, show_default=True, help="Syncs per instance.")
+@click.option("--interval", type=int, default=2, show_default=True, help="Seconds per tick.")
+def demo_cmd(instances: int, chats: int, ticks: int, interval: int) -> None:
+    """Run the real scheduler against the bundled simulator into SQLite, then show the data.
+
+    Uses sqlite:///chats-demo.db (recreated) unless --database-url is given; never the
+    database of $ETL_DATABASE_URL or the config file.
+    """
+    from etl.simulator import ChangeRates, Simulator
+
+    setup_logging(_opt("log_level") or "WARNING", _opt("log_format") or "text")
+    url = _opt("database_url") or DEMO_DATABASE_URL
+    if url == DEMO_DATABASE_URL:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"chats-demo.db{suffix}").unlink(missing_ok=True)
+    rates = ChangeRates(new=0.05, rename=0.05, archive=0.05, ephemeral=0.1, removal=0.02)
+    with (
+        Simulator(
+            instances=instances, chats=chats, seed=42, rates=rates, tick_seconds=interval
+        ) as sim,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        config_path = Path(tmp) / "demo.toml"
+        config_path.write_text(sim.config_toml(interval_seconds=interval), encoding="utf-8")
+        config_path.chmod(0o600)
+        cfg = load_config(config_path=str(config_path), database_url=url)
+        engine = make_engine(cfg.database_url)
+        upgrade(engine)
+        register_instances(engine, cfg.instances)
+        client = GreenApiClient()
+        daemon = Daemon(syncer=Syncer(engine, client), instances=cfg.instances, max_workers=4)
+        click.echo(
+            f"demo: {instances} simulated instances x {chats} chats at {sim.url}, "
+            f"{ticks} ticks of {interval}s into {redact_url(url)} ..."
+        )
+        daemon.run_for(ticks * interval + 0.5)
+        client.close()
+        try:
+            _print_demo_summary(engine)
+        finally:
+            engine.dispose()
+
+
+DEMO_QUERIES: list[tuple[str, str]] = [
+    (
+        "Chats with disappearing messages on, per instance",
+        """SELECT i.label, COUNT(*) AS chats_with_ephemeral
+FROM chats c JOIN instances i ON i.id_instance = c.instance_id
+WHERE c.removed_at IS NULL AND c.ephemeral_expiration > 0
+GROUP BY i.label ORDER BY i.label""",
+    ),
+    (
+        "Latest ephemeral setting changes (SCD2 history)",
+        """SELECT h.instance_id, h.chat_id, h.ephemeral_expiration, h.valid_from, h.valid_to
+FROM chat_ephemeral_history h
+JOIN (SELECT instance_id, chat_id FROM chat_ephemeral_history
+      WHERE valid_to IS NOT NULL GROUP BY instance_id, chat_id) changed
+  ON changed.instance_id = h.instance_id AND changed.chat_id = h.chat_id
+ORDER BY h.instance_id, h.chat_id, h.valid_from LIMIT 6""",
+    ),
+]
+
+
+DEMO_COUNTS = {
+    "instances": "SELECT COUNT(*) FROM instances",
+    "present": "SELECT COUNT(*) FROM chats WHERE removed_at IS NULL",
+    "removed": "SELECT COUNT(*) FROM chats WHERE removed_at IS NOT NULL",
+    "changes": "SELECT COUNT(*) FROM chat_ephemeral_history WHERE valid_to IS NOT NULL",
+    "history": "SELECT COUNT(*) FROM chat_ephemeral_history",
+}
+
+
+def _print_demo_summary(engine: Engine) -> None:
+    with engine.connect() as conn:
+        n = {key: conn.execute(text(sql)).scalar_one() for key, sql in DEMO_COUNTS.items()}
+        runs = conn.execute(
+            text("SELECT status, COUNT(*) FROM sync_runs GROUP BY status ORDER BY status")
+        ).all()
+        click.echo("")
+        click.echo(f"instances:          {n['instances']}")
+        click.echo(f"chats:              {n['present']} present, {n['removed']} removed")
+        click.echo(f"ephemeral changes:  {n['changes']} (history rows: {n['history']})")
+        click.echo("sync runs:          " + ", ".join(f"{c} {s}" for s, c in runs))
+        for title, sql in DEMO_QUERIES:
+            click.echo(f"\n-- {title}\n{sql};")
+            for row in conn.execute(text(sql)):
+                click.echo("   " + " | ".join(str(v) for v in row))
+
+
+def main() -> None:
+    cli(prog_name="etl")

@@ -1,0 +1,135 @@
+"""APScheduler wiring: one interval job per instance, staggered start, graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from types import FrameType
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from etl.config import Instance
+from etl.sync import Syncer, SyncOutcome, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def stagger_offsets(instances: Sequence[Instance]) -> dict[int, float]:
+    """Spread first runs evenly over each interval so a fleet does not fire at once."""
+    by_interval: dict[int, list[Instance]] = {}
+    for inst in instances:
+        by_interval.setdefault(inst.interval_seconds, []).append(inst)
+    offsets: dict[int, float] = {}
+    for interval, group in by_interval.items():
+        for i, inst in enumerate(group):
+            offsets[inst.id_instance] = interval * i / len(group)
+    return offsets
+
+
+class Daemon:
+    """Runs every enabled instance on its interval until ``stop()`` or a signal."""
+
+    def __init__(
+        self,
+        *,
+        syncer: Syncer,
+        instances: Sequence[Instance],
+        max_workers: int = 8,
+        shutdown_timeout: float = 30.0,
+    ) -> None:
+        self.syncer = syncer
+        self.instances = [i for i in instances if i.enabled]
+        self.shutdown_timeout = shutdown_timeout
+        self.scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=max_workers)},
+            timezone="UTC",
+        )
+        self._stop = threading.Event()
+        self._signals = 0
+        self.ticks = 0
+        self._ticks_lock = threading.Lock()
+
+    def _job(self, instance: Instance) -> SyncOutcome | None:
+        try:
+            outcome = self.syncer.sync(instance)
+        except Exception:  # never let one tick kill the job or the daemon
+            log.exception("instance %s: unexpected error in sync", instance.id_instance)
+            return None
+        with self._ticks_lock:
+            self.ticks += 1
+        return outcome
+
+    def start(self, *, now: datetime | None = None) -> None:
+        now = now or utcnow()
+        offsets = stagger_offsets(self.instances)
+        for inst in self.instances:
+            self.scheduler.add_job(
+                self._job,
+                IntervalTrigger(
+                    seconds=inst.interval_seconds,
+                    start_date=now + timedelta(seconds=0.2 + offsets[inst.id_instance]),
+                    timezone="UTC",
+                ),
+                args=[inst],
+                id=f"sync-{inst.id_instance}",
+                name=f"getChats {inst.id_instance}",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=inst.interval_seconds,
+            )
+        self.scheduler.start()
+        log.info("scheduler started: %d instances", len(self.instances))
+
+    def stop(self) -> bool:
+        """Stop taking work; wait (bounded) for running syncs. True if they all finished."""
+        self._stop.set()
+        if not self.scheduler.running:
+            return True
+        self.scheduler.pause()
+        self.syncer.client.interrupt()
+        done = threading.Event()
+
+        def _shutdown() -> None:
+            self.scheduler.shutdown(wait=True)
+            done.set()
+
+        threading.Thread(target=_shutdown, name="scheduler-shutdown", daemon=True).start()
+        finished = done.wait(self.shutdown_timeout)
+        if finished:
+            log.info("scheduler stopped; running syncs finished")
+        else:
+            log.error("running syncs did not finish within %.0fs", self.shutdown_timeout)
+        return finished
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.error("second signal %s: exiting now", signal.Signals(signum).name)
+            os._exit(130)
+        log.info(
+            "signal %s: finishing running syncs (up to %.0fs), send again to exit now",
+            signal.Signals(signum).name,
+            self.shutdown_timeout,
+        )
+        self._stop.set()
+
+    def run_forever(self) -> bool:
+        """Start, block until SIGTERM/SIGINT, then shut down gracefully."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.start()
+        while not self._stop.wait(1.0):
+            pass
+        return self.stop()
+
+    def run_for(self, seconds: float) -> bool:
+        """Run for a fixed time (the demo), then shut down gracefully."""
+        self.start()
+        self._stop.wait(seconds)
+        return self.stop()

@@ -1,0 +1,532 @@
+"""One instance's sync: fetch, decode, diff against stored state, write in one transaction.
+
+The HTTP fetch happens outside any database transaction. The write transaction takes a
+per-instance lock first (see ``db.lock_instance``), reads the stored state, and writes
+the changed chats, the SCD2 history rows and the ``sync_runs`` row together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import Connection, Engine, Table, and_, bindparam, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from etl.client import GreenApiClient
+from etl.config import Instance
+from etl.db import insert_for, lock_instance
+from etl.errors import SyncError
+from etl.models import Chat as ChatModel
+from etl.models import ChatEphemeralHistory, InstanceRow, InstanceSyncState, SyncRun
+from etl.payload import ChatRecord, DecodedChats, decode_chats
+from etl.redact import redact
+
+log = logging.getLogger(__name__)
+
+chats_t = cast(Table, ChatModel.__table__)
+history_t = cast(Table, ChatEphemeralHistory.__table__)
+runs_t = cast(Table, SyncRun.__table__)
+instances_t = cast(Table, InstanceRow.__table__)
+state_t = cast(Table, InstanceSyncState.__table__)
+
+#: how far in the future an API timestamp may be and still be trusted (clock skew)
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+_EPSILON = timedelta(microseconds=1)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class SyncOutcome:
+    """What one tick did; mirrors a ``sync_runs`` row (``status == "skipped"`` writes none)."""
+
+    instance_id: int
+    status: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    http_status: int | None = None
+    error_kind: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    chats_received: int = 0
+    chats_inserted: int = 0
+    chats_updated: int = 0
+    chats_removed: int = 0
+    chats_rejected: int = 0
+    ephemeral_changes: int = 0
+    duration_ms: int = 0
+    sync_run_id: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "status": self.status,
+            "http_status": self.http_status,
+            "error_kind": self.error_kind,
+            "error": self.error,
+            "attempts": self.attempts,
+            "chats_received": self.chats_received,
+            "chats_inserted": self.chats_inserted,
+            "chats_updated": self.chats_updated,
+            "chats_removed": self.chats_removed,
+            "chats_rejected": self.chats_rejected,
+            "ephemeral_changes": self.ephemeral_changes,
+            "duration_ms": self.duration_ms,
+        }
+
+
+def choose_valid_from(
+    setting_at: datetime | None, previous_from: datetime | None, observed_at: datetime
+) -> datetime:
+    """When a new ephemeral period starts.
+
+    The API's timestamp when it is set and plausible (after the previous period's start,
+    at most ``MAX_CLOCK_SKEW`` ahead of us), else the time we observed the change; never
+    at or before the previous period's start, so intervals cannot overlap.
+    """
+    if (
+        setting_at is not None
+        and setting_at <= observed_at + MAX_CLOCK_SKEW
+        and (previous_from is None or setting_at > previous_from)
+    ):
+        return setting_at
+    if previous_from is not None and observed_at <= previous_from:
+        return previous_from + _EPSILON
+    return observed_at
+
+
+def ids_digest(chat_ids: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for chat_id in sorted(chat_ids):
+        h.update(chat_id.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def register_instances(
+    engine: Engine, instances: Sequence[Instance], *, now: datetime | None = None
+) -> None:
+    """Mirror the configured instances into ``instances``; drop-outs become ``enabled = false``."""
+    now = now or utcnow()
+    configured = {i.id_instance: i for i in instances}
+    with engine.begin() as conn:
+        stored = {
+            r.id_instance: r
+            for r in conn.execute(
+                select(
+                    instances_t.c.id_instance,
+                    instances_t.c.label,
+                    instances_t.c.api_url,
+                    instances_t.c.enabled,
+                )
+            )
+        }
+        for inst in instances:
+            row = stored.get(inst.id_instance)
+            values = {"label": inst.label, "api_url": inst.api_url, "enabled": inst.enabled}
+            if row is None:
+                conn.execute(
+                    insert(instances_t).values(
+                        id_instance=inst.id_instance, created_at=now, updated_at=now, **values
+                    )
+                )
+            elif (row.label, row.api_url, row.enabled) != tuple(values.values()):
+                conn.execute(
+                    update(instances_t)
+                    .where(instances_t.c.id_instance == inst.id_instance)
+                    .values(updated_at=now, **values)
+                )
+        gone = [i for i, r in stored.items() if i not in configured and r.enabled]
+        if gone:
+            conn.execute(
+                update(instances_t)
+                .where(instances_t.c.id_instance.in_(gone))
+                .values(enabled=False, updated_at=now)
+            )
+
+
+class Syncer:
+    """Runs syncs; safe to call from many threads. One sync per instance at a time."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        client: GreenApiClient,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.engine = engine
+        self.client = client
+        self.clock = clock
+        self._locks: dict[int, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock_for(self, instance_id: int) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(instance_id, threading.Lock())
+
+    def sync(self, instance: Instance) -> SyncOutcome:
+        lock = self._lock_for(instance.id_instance)
+        if not lock.acquire(blocking=False):
+            log.warning(
+                "instance %s: previous sync still running, skipping this tick",
+                instance.id_instance,
+            )
+            return SyncOutcome(instance.id_instance, "skipped", self.clock())
+        try:
+            return self._sync(instance)
+        finally:
+            lock.release()
+
+    def _sync(self, instance: Instance) -> SyncOutcome:
+        outcome = SyncOutcome(instance.id_instance, "ok", self.clock())
+        t0 = time.monotonic()
+        try:
+            fetched = self.client.get_chats(instance)
+            outcome.attempts = fetched.attempts
+            outcome.http_status = fetched.http_status
+            decoded = decode_chats(fetched.body)
+        except SyncError as exc:
+            outcome.status = "failed"
+            outcome.error_kind = exc.error_kind
+            outcome.http_status = exc.http_status
+            outcome.attempts = exc.attempts or outcome.attempts
+            outcome.error = redact(exc.message)
+            self._finish(outcome, t0)
+            self._write_failure(outcome)
+            return outcome
+
+        try:
+            with self.engine.begin() as conn:
+                lock_instance(conn, instance.id_instance)
+                self._apply(conn, instance, decoded, outcome, t0)
+        except SQLAlchemyError as exc:
+            orig = getattr(exc, "orig", None) or exc
+            outcome = SyncOutcome(
+                instance.id_instance,
+                "failed",
+                outcome.started_at,
+                http_status=outcome.http_status,
+                attempts=outcome.attempts,
+                chats_received=decoded.received,
+                error_kind="database",
+                error=redact(f"{type(orig).__name__}: {str(orig)[:500]}"),
+            )
+            self._finish(outcome, t0)
+            self._write_failure(outcome)
+            return outcome
+        self._log(instance, outcome)
+        return outcome
+
+    def _finish(self, outcome: SyncOutcome, t0: float) -> None:
+        outcome.finished_at = self.clock()
+        outcome.duration_ms = int((time.monotonic() - t0) * 1000)
+
+    def _write_failure(self, outcome: SyncOutcome) -> None:
+        """Record a failed tick in its own transaction; log if even that is impossible."""
+        try:
+            with self.engine.begin() as conn:
+                outcome.sync_run_id = conn.execute(
+                    insert(runs_t).values(**outcome.row()).returning(runs_t.c.id)
+                ).scalar_one()
+        except SQLAlchemyError as exc:
+            log.error(
+                "instance %s: sync failed (%s) and could not be recorded: %s",
+                outcome.instance_id,
+                outcome.error_kind,
+                type(exc).__name__,
+            )
+            return
+        self._log_failure(outcome)
+
+    @staticmethod
+    def _log_failure(outcome: SyncOutcome) -> None:
+        log.warning(
+            "instance %s: sync failed kind=%s http=%s attempts=%d in %dms: %s",
+            outcome.instance_id,
+            outcome.error_kind,
+            outcome.http_status,
+            outcome.attempts,
+            outcome.duration_ms,
+            outcome.error,
+        )
+
+    @staticmethod
+    def _log(instance: Instance, o: SyncOutcome) -> None:
+        log.info(
+            "instance %s: %s%s received=%d inserted=%d updated=%d removed=%d rejected=%d "
+            "ephemeral_changes=%d attempts=%d in %dms",
+            instance.id_instance,
+            o.status,
+            f" ({o.error_kind})" if o.error_kind else "",
+            o.chats_received,
+            o.chats_inserted,
+            o.chats_updated,
+            o.chats_removed,
+            o.chats_rejected,
+            o.ephemeral_changes,
+            o.attempts,
+            o.duration_ms,
+        )
+
+    # -- the transaction -------------------------------------------------------------
+
+    def _apply(
+        self,
+        conn: Connection,
+        instance: Instance,
+        decoded: DecodedChats,
+        outcome: SyncOutcome,
+        t0: float,
+    ) -> None:
+        iid = instance.id_instance
+        now = self.clock()
+        outcome.chats_received = decoded.received
+        outcome.chats_rejected = len(decoded.rejected)
+        incoming = {c.chat_id: c for c in decoded.chats}
+
+        stored = {
+            r.chat_id: r
+            for r in conn.execute(
+                select(
+                    chats_t.c.chat_id,
+                    chats_t.c.chat_type,
+                    chats_t.c.name,
+                    chats_t.c.archived,
+                    chats_t.c.ephemeral_expiration,
+                    chats_t.c.ephemeral_setting_at,
+                    chats_t.c.removed_at,
+                ).where(chats_t.c.instance_id == iid)
+            )
+        }
+        present = {cid for cid, r in stored.items() if r.removed_at is None}
+
+        # A list is complete unless `count` limited it or an element we could not
+        # identify was rejected (that chat may be one of the "missing" ones).
+        complete = instance.count is None and all(r.chat_id for r in decoded.rejected)
+        protected = {r.chat_id for r in decoded.rejected if r.chat_id}
+        vanished = (present - incoming.keys() - protected) if complete else set()
+
+        anomaly = self._check_anomaly(conn, instance, decoded, present, vanished, now)
+        if anomaly is not None:
+            outcome.status = "anomaly"
+            outcome.error_kind, outcome.error = anomaly
+            self._finish(outcome, t0)
+            outcome.sync_run_id = self._insert_run(conn, outcome)
+            return
+
+        upserts: list[dict[str, Any]] = []
+        changed_ephemeral: list[ChatRecord] = []
+        new_ephemeral: list[ChatRecord] = []
+        for chat in decoded.chats:
+            row = stored.get(chat.chat_id)
+            if row is None:
+                upserts.append(self._chat_values(iid, chat, now, None))
+                new_ephemeral.append(chat)
+                outcome.chats_inserted += 1
+                continue
+            eph_changed = chat.ephemeral_known and (
+                chat.ephemeral_expiration != row.ephemeral_expiration
+                or chat.ephemeral_setting_at != row.ephemeral_setting_at
+            )
+            if (
+                eph_changed
+                or row.removed_at is not None
+                or chat.name != row.name
+                or chat.chat_type != row.chat_type
+                or chat.archived != row.archived
+            ):
+                upserts.append(self._chat_values(iid, chat, now, row))
+                outcome.chats_updated += 1
+            if eph_changed:
+                changed_ephemeral.append(chat)
+
+        outcome.chats_removed = len(vanished)
+        outcome.ephemeral_changes = len(changed_ephemeral)
+        self._finish(outcome, t0)
+        run_id = self._insert_run(conn, outcome)
+        outcome.sync_run_id = run_id
+
+        if upserts:
+            stmt = insert_for(conn, chats_t)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[chats_t.c.instance_id, chats_t.c.chat_id],
+                set_={
+                    c: stmt.excluded[c]
+                    for c in (
+                        "chat_type",
+                        "name",
+                        "archived",
+                        "ephemeral_expiration",
+                        "ephemeral_setting_at",
+                        "updated_at",
+                        "removed_at",
+                    )
+                },
+            )
+            conn.execute(stmt, upserts)
+        if vanished:
+            conn.execute(
+                update(chats_t)
+                .where(chats_t.c.instance_id == iid, chats_t.c.chat_id.in_(sorted(vanished)))
+                .values(removed_at=now, updated_at=now)
+            )
+        self._write_history(conn, iid, run_id, now, new_ephemeral, changed_ephemeral)
+
+    def _check_anomaly(
+        self,
+        conn: Connection,
+        instance: Instance,
+        decoded: DecodedChats,
+        present: set[str],
+        vanished: set[str],
+        now: datetime,
+    ) -> tuple[str, str] | None:
+        """(error_kind, text) when this tick must not be applied; keeps the confirmation streak."""
+        iid = instance.id_instance
+        if decoded.received == 0:
+            return "empty_response", "getChats returned an empty list; nothing applied"
+        state = conn.execute(
+            select(state_t.c.pending_removal_digest, state_t.c.pending_removal_streak).where(
+                state_t.c.instance_id == iid
+            )
+        ).first()
+        mass = bool(present) and len(vanished) / len(present) > instance.mass_removal_threshold
+        if not mass:
+            if state is not None and state.pending_removal_digest is not None:
+                self._save_state(conn, iid, None, 0, now)
+            return None
+        digest = ids_digest(c.chat_id for c in decoded.chats)
+        streak = 1
+        if state is not None and state.pending_removal_digest == digest:
+            streak = state.pending_removal_streak + 1
+        if streak >= instance.mass_removal_confirmations:
+            self._save_state(conn, iid, None, 0, now)
+            log.warning(
+                "instance %s: %d of %d chats vanished; same list seen %d times in a row, applying",
+                iid,
+                len(vanished),
+                len(present),
+                streak,
+            )
+            return None
+        self._save_state(conn, iid, digest, streak, now)
+        return (
+            "mass_removal",
+            f"{len(vanished)} of {len(present)} known chats vanished at once "
+            f"(threshold {instance.mass_removal_threshold:.0%}); not applied, "
+            f"confirmation {streak}/{instance.mass_removal_confirmations}",
+        )
+
+    @staticmethod
+    def _save_state(
+        conn: Connection, iid: int, digest: str | None, streak: int, now: datetime
+    ) -> None:
+        stmt = insert_for(conn, state_t).values(
+            instance_id=iid,
+            pending_removal_digest=digest,
+            pending_removal_streak=streak,
+            updated_at=now,
+        )
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[state_t.c.instance_id],
+                set_={
+                    "pending_removal_digest": digest,
+                    "pending_removal_streak": streak,
+                    "updated_at": now,
+                },
+            )
+        )
+
+    @staticmethod
+    def _insert_run(conn: Connection, outcome: SyncOutcome) -> int:
+        return int(
+            conn.execute(insert(runs_t).values(**outcome.row()).returning(runs_t.c.id)).scalar_one()
+        )
+
+    @staticmethod
+    def _chat_values(iid: int, chat: ChatRecord, now: datetime, row: Any) -> dict[str, Any]:
+        if chat.ephemeral_known:
+            expiration, setting_at = chat.ephemeral_expiration, chat.ephemeral_setting_at
+        elif row is not None:
+            expiration, setting_at = row.ephemeral_expiration, row.ephemeral_setting_at
+        else:
+            expiration, setting_at = 0, None
+        return {
+            "instance_id": iid,
+            "chat_id": chat.chat_id,
+            "chat_type": chat.chat_type,
+            "name": chat.name,
+            "archived": chat.archived,
+            "ephemeral_expiration": expiration,
+            "ephemeral_setting_at": setting_at,
+            "first_seen_at": now,
+            "updated_at": now,
+            "removed_at": None,
+        }
+
+    @staticmethod
+    def _write_history(
+        conn: Connection,
+        iid: int,
+        run_id: int,
+        now: datetime,
+        new: list[ChatRecord],
+        changed: list[ChatRecord],
+    ) -> None:
+        rows: list[dict[str, Any]] = []
+        closes: list[dict[str, Any]] = []
+        open_from: dict[str, datetime] = {}
+        if changed:
+            ids = [c.chat_id for c in changed]
+            for i in range(0, len(ids), 5000):
+                q = select(history_t.c.chat_id, history_t.c.valid_from).where(
+                    history_t.c.instance_id == iid,
+                    history_t.c.valid_to.is_(None),
+                    history_t.c.chat_id.in_(ids[i : i + 5000]),
+                )
+                open_from.update({r.chat_id: r.valid_from for r in conn.execute(q)})
+        for chat, is_new in [(c, True) for c in new] + [(c, False) for c in changed]:
+            previous = None if is_new else open_from.get(chat.chat_id)
+            valid_from = choose_valid_from(chat.ephemeral_setting_at, previous, now)
+            if previous is not None:
+                closes.append({"b_chat_id": chat.chat_id, "b_valid_to": valid_from})
+            rows.append(
+                {
+                    "instance_id": iid,
+                    "chat_id": chat.chat_id,
+                    "ephemeral_expiration": chat.ephemeral_expiration or 0,
+                    "ephemeral_setting_at": chat.ephemeral_setting_at,
+                    "valid_from": valid_from,
+                    "valid_to": None,
+                    "sync_run_id": run_id,
+                }
+            )
+        if closes:
+            conn.execute(
+                update(history_t)
+                .where(
+                    and_(
+                        history_t.c.instance_id == iid,
+                        history_t.c.chat_id == bindparam("b_chat_id"),
+                        history_t.c.valid_to.is_(None),
+                    )
+                )
+                .values(valid_to=bindparam("b_valid_to")),
+                closes,
+            )
+        if rows:
+            conn.execute(insert(history_t), rows)

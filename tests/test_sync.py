@@ -1,0 +1,479 @@
+"""Sync semantics against a real database (SQLite and PostgreSQL) and the simulator over HTTP."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine, select
+
+from etl.client import GreenApiClient
+from etl.models import Chat, ChatEphemeralHistory
+from etl.simulator import Fault, Simulator
+from etl.sync import Syncer, choose_valid_from, register_instances
+from tests.conftest import make_instance
+from tests.factories import (
+    SEED_EXAMPLE,
+    chat,
+    chat_row,
+    chats_list,
+    check_history_invariants,
+    history,
+    rows,
+    scalar,
+    table_counts,
+)
+
+
+class Clock:
+    """A controllable UTC clock for the syncer."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime.now(UTC).replace(microsecond=0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float = 60) -> datetime:
+        self.now += timedelta(seconds=seconds)
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def csyncer(engine: Engine, fast_client: GreenApiClient, clock: Clock) -> Syncer:
+    return Syncer(engine, fast_client, clock=clock)
+
+
+@pytest.fixture
+def inst(sim: Simulator, engine: Engine):  # type: ignore[no-untyped-def]
+    instance = make_instance(sim)
+    register_instances(engine, [instance])
+    return instance
+
+
+def ts(dt: datetime) -> int:
+    return int(dt.timestamp())
+
+
+def test_seed_example_loads_exactly(sim, engine, csyncer, inst, clock):
+    sim.set_chats(inst.id_instance, SEED_EXAMPLE)
+    out = csyncer.sync(inst)
+    assert (out.status, out.chats_received, out.chats_inserted) == ("ok", 3, 3)
+    assert (out.chats_updated, out.chats_removed, out.chats_rejected) == (0, 0, 0)
+    with engine.connect() as conn:
+        got = {
+            c.chat_id: c
+            for c in conn.execute(select(Chat).where(Chat.instance_id == inst.id_instance))
+        }
+    assert set(got) == {"79876543210@c.us", "79001234567@c.us", "79001234567-1479621234@g.us"}
+    john = got["79876543210@c.us"]
+    assert (john.name, john.chat_type, john.archived) == ("John Doe", "user", False)
+    assert john.ephemeral_expiration == 86400
+    assert john.ephemeral_setting_at == datetime.fromtimestamp(1777870423, UTC)
+    assert john.ephemeral_setting_at.tzinfo is not None
+    assert john.first_seen_at == clock.now and john.removed_at is None
+    group = got["79001234567-1479621234@g.us"]
+    assert (group.name, group.chat_type, group.ephemeral_expiration) == ("My Group", "group", 0)
+    assert group.ephemeral_setting_at is None
+    # First history row: valid_from is the API's (plausible, past) timestamp for John,
+    # the observation time for the never-set chats.
+    with engine.connect() as conn:
+        hist = {
+            h.chat_id: h
+            for h in conn.execute(select(ChatEphemeralHistory))
+        }
+    assert hist["79876543210@c.us"].valid_from == datetime.fromtimestamp(1777870423, UTC)
+    assert hist["79001234567@c.us"].valid_from == clock.now
+    assert all(h.valid_to is None and h.sync_run_id == out.sync_run_id for h in hist.values())
+    check_history_invariants(engine)
+    run = rows(engine, "SELECT * FROM sync_runs")[0]
+    assert (run.status, run.http_status, run.attempts, run.chats_inserted) == ("ok", 200, 1, 3)
+
+
+def test_ephemeral_change_closes_and_opens_history(sim, engine, csyncer, inst, clock):
+    sim.set_chats(inst.id_instance, [chat("1@c.us"), chat("2@c.us")])
+    csyncer.sync(inst)
+    # turned on, with the API's timestamp 30 s before we look
+    changed_at = clock.advance(60) - timedelta(seconds=30)
+    sim.set_chats(
+        inst.id_instance,
+        [chat("1@c.us", expiration=604800, stamp=ts(changed_at)), chat("2@c.us")],
+    )
+    out = csyncer.sync(inst)
+    assert (out.status, out.chats_updated, out.ephemeral_changes) == ("ok", 1, 1)
+    h = history(engine, inst.id_instance, "1@c.us")
+    assert len(h) == 2
+    assert h[1].ephemeral_expiration == 604800 and h[1].valid_to is None
+    check_history_invariants(engine)
+    with engine.connect() as conn:
+        hs = list(
+            conn.execute(
+                select(ChatEphemeralHistory)
+                .where(ChatEphemeralHistory.chat_id == "1@c.us")
+                .order_by(ChatEphemeralHistory.valid_from)
+            )
+        )
+    assert hs[1].valid_from == changed_at == hs[0].valid_to
+    # turned off again: timestamp 0 -> observed time; then re-set to the same value
+    off_at = clock.advance(60)
+    sim.set_chats(inst.id_instance, [chat("1@c.us"), chat("2@c.us")])
+    assert csyncer.sync(inst).ephemeral_changes == 1
+    clock.advance(60)
+    sim.set_chats(
+        inst.id_instance, [chat("1@c.us", expiration=0, stamp=ts(clock.now)), chat("2@c.us")]
+    )
+    assert csyncer.sync(inst).ephemeral_changes == 1  # same value, new setting event
+    h = history(engine, inst.id_instance, "1@c.us")
+    assert [r.ephemeral_expiration for r in h] == [0, 604800, 0, 0]
+    with engine.connect() as conn:
+        last_two = list(
+            conn.execute(
+                select(ChatEphemeralHistory.valid_from)
+                .where(ChatEphemeralHistory.chat_id == "1@c.us")
+                .order_by(ChatEphemeralHistory.valid_from)
+            ).scalars()
+        )[-2:]
+    assert last_two[0] == off_at
+    check_history_invariants(engine)
+    assert scalar(engine, "SELECT COUNT(*) FROM chat_ephemeral_history WHERE valid_to IS NULL") == 2
+
+
+def test_implausible_timestamps_fall_back_to_observation(sim, engine, csyncer, inst, clock):
+    first_at = clock.now - timedelta(days=30)
+    sim.set_chats(inst.id_instance, [chat("1@c.us", expiration=86400, stamp=ts(first_at))])
+    csyncer.sync(inst)
+    # a timestamp before the open row's valid_from: not plausible
+    clock.advance(60)
+    sim.set_chats(
+        inst.id_instance,
+        [chat("1@c.us", expiration=604800, stamp=ts(first_at - timedelta(days=1)))],
+    )
+    csyncer.sync(inst)
+    # a timestamp 10 minutes in the future: beyond the 5-minute skew allowance
+    clock.advance(60)
+    sim.set_chats(
+        inst.id_instance,
+        [chat("1@c.us", expiration=86400, stamp=ts(clock.now + timedelta(minutes=10)))],
+    )
+    csyncer.sync(inst)
+    with engine.connect() as conn:
+        starts = list(
+            conn.execute(
+                select(ChatEphemeralHistory.valid_from).order_by(ChatEphemeralHistory.valid_from)
+            ).scalars()
+        )
+    assert starts == [first_at, clock.now - timedelta(seconds=60), clock.now]
+    check_history_invariants(engine)
+
+
+def test_choose_valid_from_rules():
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    prev = now - timedelta(hours=1)
+    assert choose_valid_from(now - timedelta(minutes=5), prev, now) == now - timedelta(minutes=5)
+    assert choose_valid_from(now + timedelta(minutes=4), prev, now) == now + timedelta(minutes=4)
+    assert choose_valid_from(now + timedelta(minutes=6), prev, now) == now
+    assert choose_valid_from(prev, prev, now) == now
+    assert choose_valid_from(None, None, now) == now
+    # observed time not after the previous start (future-dated previous row): nudged past it
+    future_prev = now + timedelta(minutes=2)
+    assert choose_valid_from(None, future_prev, now) > future_prev
+
+
+def test_unchanged_tick_writes_nothing(sim, engine, csyncer, inst, clock):
+    first = csyncer.sync(inst)
+    assert first.chats_inserted == 30
+    before = table_counts(engine)
+    updated = rows(engine, "SELECT chat_id, updated_at FROM chats ORDER BY chat_id")
+    clock.advance(60)
+    out = csyncer.sync(inst)
+    assert (out.status, out.chats_inserted, out.chats_updated) == ("ok", 0, 0)
+    assert (out.chats_removed, out.ephemeral_changes) == (0, 0)
+    after = table_counts(engine)
+    assert after["chats"] == before["chats"]
+    assert after["chat_ephemeral_history"] == before["chat_ephemeral_history"]
+    assert after["sync_runs"] == before["sync_runs"] + 1
+    assert rows(engine, "SELECT chat_id, updated_at FROM chats ORDER BY chat_id") == updated
+
+
+def test_simulated_evolution_keeps_invariants(engine, fast_client, clock):
+    with Simulator(instances=2, chats=40, seed=3) as s:
+        from etl.simulator import ChangeRates
+
+        s.rates.__dict__.update(ChangeRates(0.1, 0.1, 0.1, 0.2, 0.05).__dict__)
+        instances = [make_instance(s, i) for i in s.instance_ids]
+        register_instances(engine, instances)
+        syncer = Syncer(engine, fast_client, clock=clock)
+        for _ in range(6):
+            for i in instances:
+                assert syncer.sync(i).status == "ok"
+            check_history_invariants(engine)
+            # chats table equals the simulator's current payload
+            for i in instances:
+                present = {
+                    r.chat_id
+                    for r in rows(
+                        engine,
+                        "SELECT chat_id FROM chats WHERE instance_id = :i AND removed_at IS NULL",
+                        i=i.id_instance,
+                    )
+                }
+                assert present == {c["id"] for c in s.chats(i.id_instance)}
+            s.step()
+            clock.advance(60)
+        assert scalar(engine, "SELECT SUM(ephemeral_changes) FROM sync_runs") > 0
+
+
+def test_removal_and_reappearance(sim, engine, csyncer, inst, clock):
+    base = chats_list(10)
+    sim.set_chats(inst.id_instance, base)
+    csyncer.sync(inst)
+    removed_at = clock.advance(60)
+    sim.set_chats(inst.id_instance, base[:8])
+    out = csyncer.sync(inst)
+    assert (out.status, out.chats_removed) == ("ok", 2)
+    gone = chat_row(engine, inst.id_instance, base[9]["id"])
+    assert gone.removed_at is not None
+    assert table_counts(engine)["chats"] == 10  # nothing deleted
+    # unchanged after removal: removed chats are not removed again
+    clock.advance(60)
+    assert csyncer.sync(inst).chats_removed == 0
+    clock.advance(60)
+    sim.set_chats(inst.id_instance, base)
+    out = csyncer.sync(inst)
+    assert (out.chats_updated, out.chats_removed) == (2, 0)
+    with engine.connect() as conn:
+        back = conn.execute(
+            select(Chat.removed_at, Chat.updated_at).where(Chat.chat_id == base[9]["id"])
+        ).one()
+    assert back.removed_at is None and back.updated_at == clock.now
+    assert removed_at < back.updated_at
+    check_history_invariants(engine)
+
+
+def test_count_limited_list_never_removes(sim, engine, csyncer, inst):
+    sim.set_chats(inst.id_instance, chats_list(10))
+    csyncer.sync(inst)
+    limited = make_instance(sim, count=3)
+    out = csyncer.sync(limited)
+    assert (out.status, out.chats_received, out.chats_removed) == ("ok", 3, 0)
+    assert scalar(engine, "SELECT COUNT(*) FROM chats WHERE removed_at IS NULL") == 10
+
+
+def test_empty_list_is_an_anomaly(sim, engine, csyncer, inst):
+    sim.set_chats(inst.id_instance, chats_list(5))
+    csyncer.sync(inst)
+    before = rows(engine, "SELECT * FROM chats ORDER BY chat_id")
+    sim.set_fault(inst.id_instance, Fault(mode="empty"))
+    out = csyncer.sync(inst)
+    assert (out.status, out.error_kind, out.chats_removed) == ("anomaly", "empty_response", 0)
+    assert rows(engine, "SELECT * FROM chats ORDER BY chat_id") == before
+    run = rows(engine, "SELECT status, error_kind FROM sync_runs ORDER BY id DESC")[0]
+    assert tuple(run) == ("anomaly", "empty_response")
+
+
+def test_mass_disappearance_guard_and_confirmation(sim, engine, csyncer, inst, clock):
+    base = chats_list(10)
+    sim.set_chats(inst.id_instance, base)
+    csyncer.sync(inst)
+    shrunk = base[:4]  # 6 of 10 vanish: above the 50% threshold
+    sim.set_chats(inst.id_instance, shrunk)
+    for attempt in (1, 2):
+        clock.advance(60)
+        out = csyncer.sync(inst)
+        assert (out.status, out.error_kind) == ("anomaly", "mass_removal"), attempt
+        assert f"{attempt}/3" in (out.error or "")
+        assert scalar(engine, "SELECT COUNT(*) FROM chats WHERE removed_at IS NULL") == 10
+    clock.advance(60)
+    out = csyncer.sync(inst)  # third consecutive identical list: real, applied
+    assert (out.status, out.chats_removed) == ("ok", 6)
+    assert scalar(engine, "SELECT COUNT(*) FROM chats WHERE removed_at IS NULL") == 4
+
+
+def test_mass_disappearance_streak_resets_on_a_different_list(sim, engine, csyncer, inst, clock):
+    base = chats_list(10)
+    sim.set_chats(inst.id_instance, base)
+    csyncer.sync(inst)
+    for shrunk in (base[:4], base[:3], base[:4], base[:4]):
+        clock.advance(60)
+        sim.set_chats(inst.id_instance, shrunk)
+        assert csyncer.sync(inst).status == "anomaly"
+    # a normal list clears the streak
+    sim.set_chats(inst.id_instance, base)
+    assert csyncer.sync(inst).status == "ok"
+    sim.set_chats(inst.id_instance, base[:4])
+    out = csyncer.sync(inst)
+    assert out.status == "anomaly" and "1/3" in (out.error or "")
+
+
+def test_mass_removal_threshold_is_configurable(sim, engine, csyncer, inst):
+    base = chats_list(10)
+    sim.set_chats(inst.id_instance, base)
+    csyncer.sync(inst)
+    sim.set_chats(inst.id_instance, base[:4])
+    lenient = make_instance(sim, mass_removal_threshold=0.7)
+    out = csyncer.sync(lenient)
+    assert (out.status, out.chats_removed) == ("ok", 6)
+
+
+def test_per_row_rejection(sim, engine, csyncer, inst):
+    good = chats_list(3)
+    bad = [
+        "not an object",
+        42,
+        None,
+        {"name": "no id"},
+        {"id": ""},
+        {"id": "   "},
+        {"id": "5@c.us", "name": 5},
+        {"id": "6@c.us", "archive": "yes"},
+        {"id": "7@c.us", "ephemeralExpiration": "86400"},
+        {"id": "8@c.us", "ephemeralExpiration": 86400, "ephemeralSettingTimestamp": 1.5},
+        {"id": "9@c.us", "type": ["user"]},
+        {"id": True},
+        dict(good[0]),  # duplicate of the first: first wins
+    ]
+    sim.set_chats(inst.id_instance, good + bad)
+    out = csyncer.sync(inst)
+    assert (out.status, out.chats_received, out.chats_inserted) == ("ok", 16, 3)
+    assert out.chats_rejected == len(bad)
+    assert scalar(engine, "SELECT COUNT(*) FROM chats") == 3
+    run = rows(engine, "SELECT chats_rejected, chats_received FROM sync_runs")[0]
+    assert tuple(run) == (13, 16)
+
+
+def test_rejected_chat_is_not_marked_removed(sim, engine, csyncer, inst):
+    base = chats_list(4)
+    sim.set_chats(inst.id_instance, base)
+    csyncer.sync(inst)
+    broken = dict(base[1], name=None, archive="maybe")
+    sim.set_chats(inst.id_instance, [base[0], broken, base[2], base[3]])
+    out = csyncer.sync(inst)
+    assert (out.chats_rejected, out.chats_removed) == (1, 0)
+    # an element without a readable id makes the list incomplete: no removals at all
+    sim.set_chats(inst.id_instance, [base[0], {"name": "who?"}])
+    out = csyncer.sync(inst)
+    assert (out.status, out.chats_removed) == ("ok", 0)
+    assert scalar(engine, "SELECT COUNT(*) FROM chats WHERE removed_at IS NULL") == 4
+
+
+def test_ids_are_normalised_and_kept_opaque(sim, engine, csyncer, inst):
+    sim.set_chats(
+        inst.id_instance,
+        [
+            chat("79001234567"),
+            {"id": 79007654321, "name": "int id"},
+            chat("123456789012345@lid"),
+            chat("120363043968066561@newsletter", kind="channel"),
+            chat("status@broadcast", kind="broadcast"),
+            chat("79001234567@c.us", name="dup after normalising"),
+        ],
+    )
+    out = csyncer.sync(inst)
+    assert (out.chats_inserted, out.chats_rejected) == (5, 1)
+    got = {r.chat_id: r.chat_type for r in rows(engine, "SELECT chat_id, chat_type FROM chats")}
+    assert got == {
+        "79001234567@c.us": "user",
+        "79007654321@c.us": "user",
+        "123456789012345@lid": "user",
+        "120363043968066561@newsletter": "channel",
+        "status@broadcast": "broadcast",
+    }
+
+
+def test_nul_emoji_long_and_hostile_names(sim, engine, csyncer, inst):
+    long_name = "Ω" * 10_000
+    hostile = "'); DROP TABLE chats; --"
+    sim.set_chats(
+        inst.id_instance,
+        [
+            chat("1@c.us", name="Ma\x00ria"),
+            chat("2@c.us", name="Team 🚀 Alpha 👩‍👩‍👧"),
+            chat("3@c.us", name=long_name),
+            chat("4@c.us", name="مرحبا بالعالم"),
+            chat("5@c.us", name=hostile),
+            chat("6\x00@c.us", name=""),
+        ],
+    )
+    out = csyncer.sync(inst)
+    assert (out.status, out.chats_inserted) == ("ok", 6)
+    names = {r.chat_id: r.name for r in rows(engine, "SELECT chat_id, name FROM chats")}
+    assert names["1@c.us"] == "Maria"
+    assert names["2@c.us"] == "Team 🚀 Alpha 👩‍👩‍👧"
+    assert names["3@c.us"] == long_name
+    assert names["4@c.us"] == "مرحبا بالعالم"
+    assert names["5@c.us"] == hostile
+    assert names["6@c.us"] == ""
+    assert scalar(engine, "SELECT COUNT(*) FROM chats") == 6
+
+
+def test_rename_and_archive_update_only_that_chat(sim, engine, csyncer, inst, clock):
+    base = chats_list(3)
+    sim.set_chats(inst.id_instance, base)
+    csyncer.sync(inst)
+    t1 = clock.advance(60)
+    sim.set_chats(inst.id_instance, [dict(base[0], name="Renamed"), dict(base[1], archive=True),
+                                     base[2]])
+    out = csyncer.sync(inst)
+    assert (out.chats_updated, out.ephemeral_changes) == (2, 0)
+    assert chat_row(engine, inst.id_instance, base[0]["id"]).name == "Renamed"
+    assert bool(chat_row(engine, inst.id_instance, base[1]["id"]).archived) is True
+    with engine.connect() as conn:
+        stamps = {r[0]: r[1] for r in conn.execute(select(Chat.chat_id, Chat.updated_at))}
+    assert stamps[base[0]["id"]] == t1 and stamps[base[1]["id"]] == t1
+    assert stamps[base[2]["id"]] < t1
+    assert scalar(engine, "SELECT COUNT(*) FROM chat_ephemeral_history") == 3
+
+
+def test_missing_ephemeral_fields_keep_the_stored_setting(sim, engine, csyncer, inst, clock):
+    sim.set_chats(inst.id_instance, [chat("1@c.us", expiration=86400, stamp=1_700_000_000)])
+    csyncer.sync(inst)
+    clock.advance(60)
+    sim.set_chats(inst.id_instance, [{"id": "1@c.us", "name": "Someone", "type": "user"}])
+    out = csyncer.sync(inst)
+    assert (out.status, out.ephemeral_changes) == ("ok", 0)
+    assert chat_row(engine, inst.id_instance, "1@c.us").ephemeral_expiration == 86400
+    check_history_invariants(engine)
+
+
+def test_api_failure_changes_nothing_and_is_recorded(sim, engine, csyncer, inst):
+    csyncer.sync(inst)
+    before = rows(engine, "SELECT * FROM chats ORDER BY chat_id")
+    for fault in (Fault(status=500), Fault(mode="html"), Fault(mode="object"), Fault(status=401)):
+        sim.set_fault(inst.id_instance, fault)
+        out = csyncer.sync(inst)
+        assert out.status == "failed"
+        assert out.sync_run_id is not None
+    assert rows(engine, "SELECT * FROM chats ORDER BY chat_id") == before
+    kinds = [r.error_kind for r in rows(engine, "SELECT error_kind FROM sync_runs ORDER BY id")]
+    assert kinds == [None, "server_error", "bad_payload", "bad_payload", "unauthorized"]
+
+
+def test_two_syncs_of_one_instance_never_overlap_in_a_process(sim, engine, csyncer, inst):
+    sim.set_fault(inst.id_instance, Fault(delay=0.6))
+    results = []
+    t = threading.Thread(target=lambda: results.append(csyncer.sync(inst)))
+    t.start()
+    import time
+
+    time.sleep(0.2)
+    second = csyncer.sync(inst)
+    t.join()
+    assert second.status == "skipped"
+    assert results[0].status == "ok"
+    assert scalar(engine, "SELECT COUNT(*) FROM sync_runs") == 1
+
+
+def test_register_instances_disables_dropped_ones(sim, engine):
+    a, b = (make_instance(sim, i) for i in sim.instance_ids[:2])
+    register_instances(engine, [a, b])
+    register_instances(engine, [a])
+    got = {r.id_instance: bool(r.enabled) for r in rows(engine, "SELECT * FROM instances")}
+    assert got == {a.id_instance: True, b.id_instance: False}
+    cols = {c.lower() for c in rows(engine, "SELECT * FROM instances")[0]._fields}
+    assert not any("token" in c for c in cols)
