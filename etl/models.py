@@ -155,6 +155,36 @@ class SyncRun(Base):
     duration_ms: Mapped[int] = mapped_column(Integer, default=0)
 
 
+EVENT_TYPES = (
+    "created",
+    "renamed",
+    "archived",
+    "unarchived",
+    "ephemeral_changed",
+    "removed",
+    "reappeared",
+)
+
+
+class ChatEvent(Base):
+    """What happened to a chat, written in the same transaction as the sync that saw it."""
+
+    __tablename__ = "chat_events"
+    __table_args__ = (
+        Index("ix_chat_events_occurred_at", "occurred_at"),
+        Index("ix_chat_events_chat", "instance_id", "chat_id", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    instance_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("instances.id_instance"))
+    chat_id: Mapped[str] = mapped_column(Text)
+    event_type: Mapped[str] = mapped_column(Text)
+    old_value: Mapped[str | None] = mapped_column(Text)
+    new_value: Mapped[str | None] = mapped_column(Text)
+    occurred_at: Mapped[datetime]
+    sync_run_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("sync_runs.id"))
+
+
 class InstanceSyncState(Base):
     """Per-instance memory between ticks (the mass-removal confirmation streak)."""
 

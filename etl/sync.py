@@ -24,7 +24,7 @@ from etl.config import Instance
 from etl.db import insert_for, lock_instance
 from etl.errors import SyncError
 from etl.models import Chat as ChatModel
-from etl.models import ChatEphemeralHistory, InstanceRow, InstanceSyncState, SyncRun
+from etl.models import ChatEphemeralHistory, ChatEvent, InstanceRow, InstanceSyncState, SyncRun
 from etl.payload import ChatRecord, DecodedChats, decode_chats
 from etl.redact import redact
 
@@ -35,6 +35,7 @@ history_t = cast(Table, ChatEphemeralHistory.__table__)
 runs_t = cast(Table, SyncRun.__table__)
 instances_t = cast(Table, InstanceRow.__table__)
 state_t = cast(Table, InstanceSyncState.__table__)
+events_t = cast(Table, ChatEvent.__table__)
 
 #: how far in the future an API timestamp may be and still be trusted (clock skew)
 MAX_CLOCK_SKEW = timedelta(minutes=5)
@@ -328,13 +329,15 @@ class Syncer:
             return
 
         upserts: list[dict[str, Any]] = []
-        changed_ephemeral: list[ChatRecord] = []
-        new_ephemeral: list[ChatRecord] = []
+        changed_ephemeral: list[tuple[ChatRecord, int]] = []
+        new_chats: list[ChatRecord] = []
+        events: list[tuple[str, str, str | None, str | None]] = []
         for chat in decoded.chats:
             row = stored.get(chat.chat_id)
             if row is None:
                 upserts.append(self._chat_values(iid, chat, now, None))
-                new_ephemeral.append(chat)
+                new_chats.append(chat)
+                events.append((chat.chat_id, "created", None, chat.name))
                 outcome.chats_inserted += 1
                 continue
             eph_changed = chat.ephemeral_known and (
@@ -350,8 +353,17 @@ class Syncer:
             ):
                 upserts.append(self._chat_values(iid, chat, now, row))
                 outcome.chats_updated += 1
+                if row.removed_at is not None:
+                    events.append((chat.chat_id, "reappeared", None, None))
+                if chat.name != row.name:
+                    events.append((chat.chat_id, "renamed", row.name, chat.name))
+                if chat.archived != row.archived:
+                    kind = "archived" if chat.archived else "unarchived"
+                    events.append(
+                        (chat.chat_id, kind, str(row.archived).lower(), str(chat.archived).lower())
+                    )
             if eph_changed:
-                changed_ephemeral.append(chat)
+                changed_ephemeral.append((chat, row.ephemeral_expiration))
 
         outcome.chats_removed = len(vanished)
         outcome.ephemeral_changes = len(changed_ephemeral)
@@ -383,7 +395,36 @@ class Syncer:
                 .where(chats_t.c.instance_id == iid, chats_t.c.chat_id.in_(sorted(vanished)))
                 .values(removed_at=now, updated_at=now)
             )
-        self._write_history(conn, iid, run_id, now, new_ephemeral, changed_ephemeral)
+            events.extend((cid, "removed", None, None) for cid in sorted(vanished))
+        starts = self._write_history(
+            conn, iid, run_id, now, new_chats, [c for c, _ in changed_ephemeral]
+        )
+        event_rows = [
+            {
+                "instance_id": iid,
+                "chat_id": cid,
+                "event_type": kind,
+                "old_value": old,
+                "new_value": new,
+                "occurred_at": now,
+                "sync_run_id": run_id,
+            }
+            for cid, kind, old, new in events
+        ]
+        event_rows.extend(
+            {
+                "instance_id": iid,
+                "chat_id": chat.chat_id,
+                "event_type": "ephemeral_changed",
+                "old_value": str(old_expiration),
+                "new_value": str(chat.ephemeral_expiration),
+                "occurred_at": starts[chat.chat_id],
+                "sync_run_id": run_id,
+            }
+            for chat, old_expiration in changed_ephemeral
+        )
+        if event_rows:
+            conn.execute(insert(events_t), event_rows)
 
     def _check_anomaly(
         self,
@@ -486,8 +527,13 @@ class Syncer:
         now: datetime,
         new: list[ChatRecord],
         changed: list[ChatRecord],
-    ) -> None:
+    ) -> dict[str, datetime]:
+        """Open first rows for new chats, close/open rows for changed ones.
+
+        Returns each changed chat's new ``valid_from``.
+        """
         rows: list[dict[str, Any]] = []
+        starts: dict[str, datetime] = {}
         closes: list[dict[str, Any]] = []
         open_from: dict[str, datetime] = {}
         if changed:
@@ -502,6 +548,7 @@ class Syncer:
         for chat, is_new in [(c, True) for c in new] + [(c, False) for c in changed]:
             previous = None if is_new else open_from.get(chat.chat_id)
             valid_from = choose_valid_from(chat.ephemeral_setting_at, previous, now)
+            starts[chat.chat_id] = valid_from
             if previous is not None:
                 closes.append({"b_chat_id": chat.chat_id, "b_valid_to": valid_from})
             rows.append(
@@ -530,3 +577,4 @@ class Syncer:
             )
         if rows:
             conn.execute(insert(history_t), rows)
+        return starts

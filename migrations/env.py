@@ -16,9 +16,12 @@ from etl.db import make_engine, normalise_url
 from etl.models import Base
 
 config = context.config
-if config.config_file_name is not None and not config.attributes.get("connection"):
-    if not logging.getLogger().handlers:
-        fileConfig(config.config_file_name, disable_existing_loggers=False)
+if (
+    config.config_file_name is not None
+    and not config.attributes.get("connection")
+    and not logging.getLogger().handlers
+):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = Base.metadata
 
