@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from etl.errors import ConfigError
-from etl.redact import register_secret
+from etl.redact import redact, register_secret
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class Defaults(_Strict):
     mass_removal_threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
     mass_removal_confirmations: Annotated[int, Field(ge=1, le=100)] = 3
     allow_insecure_http: bool = False
+    backoff_max_seconds: Annotated[int, Field(ge=1, le=86_400)] = 900
+    backoff_after_transient_failures: Annotated[int, Field(ge=1, le=1000)] = 3
 
 
 class InstanceConfig(_Strict):
@@ -148,6 +150,8 @@ class Instance:
     max_attempts: int
     mass_removal_threshold: float
     mass_removal_confirmations: int
+    backoff_max_seconds: int = 900
+    backoff_after_transient_failures: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,14 +243,16 @@ def resolve_instances(file_config: FileConfig, *, source: str = "") -> tuple[Ins
     d = file_config.defaults
     out: list[Instance] = []
     for inst in file_config.instances:
+        # Load and register the token first, so that a bad URL quoted in the error below
+        # is masked even when it contains the token.
+        token = _load_token(inst, source)
+        register_secret(token.get_secret_value())
         api_url = inst.api_url or d.api_url
         key = "api_url" if inst.api_url else "defaults.api_url"
         try:
             api_url = check_api_url(api_url, allow_insecure_http=d.allow_insecure_http)
         except ValueError as exc:
-            raise ConfigError(f"instance {inst.id_instance}, key {key!r}: {exc}") from None
-        token = _load_token(inst, source)
-        register_secret(token.get_secret_value())
+            raise ConfigError(redact(f"instance {inst.id_instance}, key {key!r}: {exc}")) from None
         out.append(
             Instance(
                 id_instance=inst.id_instance,
@@ -261,6 +267,8 @@ def resolve_instances(file_config: FileConfig, *, source: str = "") -> tuple[Ins
                 max_attempts=inst.max_attempts or d.max_attempts,
                 mass_removal_threshold=d.mass_removal_threshold,
                 mass_removal_confirmations=d.mass_removal_confirmations,
+                backoff_max_seconds=d.backoff_max_seconds,
+                backoff_after_transient_failures=d.backoff_after_transient_failures,
             )
         )
     return tuple(out)

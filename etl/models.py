@@ -153,6 +153,8 @@ class SyncRun(Base):
     chats_rejected: Mapped[int] = mapped_column(Integer, default=0)
     ephemeral_changes: Mapped[int] = mapped_column(Integer, default=0)
     duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+    #: seconds until this instance is polled again when backing off; NULL = normal interval
+    backoff_seconds: Mapped[int | None] = mapped_column(Integer)
 
 
 EVENT_TYPES = (
@@ -186,7 +188,8 @@ class ChatEvent(Base):
 
 
 class InstanceSyncState(Base):
-    """Per-instance memory between ticks (the mass-removal confirmation streak)."""
+    """Per-instance memory between ticks: the mass-removal confirmation streak, and the
+    lease that lets several replicas share one PostgreSQL (one replica per instance)."""
 
     __tablename__ = "instance_sync_state"
 
@@ -196,3 +199,5 @@ class InstanceSyncState(Base):
     pending_removal_digest: Mapped[str | None] = mapped_column(Text)
     pending_removal_streak: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime]
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[datetime | None]

@@ -13,6 +13,7 @@ from types import FrameType
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy.exc import SQLAlchemyError
 
 from etl.config import Instance
 from etl.sync import Syncer, SyncOutcome, utcnow
@@ -56,6 +57,9 @@ class Daemon:
         self._ticks_lock = threading.Lock()
 
     def _job(self, instance: Instance) -> SyncOutcome | None:
+        if not self.syncer.due(instance):
+            log.debug("instance %s: backing off, tick skipped", instance.id_instance)
+            return None
         try:
             outcome = self.syncer.sync(instance)
         except Exception:  # never let one tick kill the job or the daemon
@@ -67,6 +71,10 @@ class Daemon:
 
     def start(self, *, now: datetime | None = None) -> None:
         now = now or utcnow()
+        try:
+            self.syncer.restore_backoff(self.instances)
+        except SQLAlchemyError as exc:  # the database may be down right now; start anyway
+            log.warning("could not read past failures to resume backoff: %s", type(exc).__name__)
         offsets = stagger_offsets(self.instances)
         for inst in self.instances:
             self.scheduler.add_job(

@@ -65,6 +65,7 @@ class SyncOutcome:
     chats_rejected: int = 0
     ephemeral_changes: int = 0
     duration_ms: int = 0
+    backoff_seconds: int | None = None
     sync_run_id: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -85,6 +86,7 @@ class SyncOutcome:
             "chats_rejected": self.chats_rejected,
             "ephemeral_changes": self.ephemeral_changes,
             "duration_ms": self.duration_ms,
+            "backoff_seconds": self.backoff_seconds,
         }
 
 
@@ -106,6 +108,50 @@ def choose_valid_from(
     if previous_from is not None and observed_at <= previous_from:
         return previous_from + _EPSILON
     return observed_at
+
+
+#: failures that will not go away by retrying soon: back off from the first one
+PERMANENT_KINDS = frozenset(
+    {
+        "unauthorized",
+        "forbidden",
+        "not_found",
+        "quota_exceeded",
+        "not_authorized",
+        "expired",
+        "bad_request",
+    }
+)
+#: never back off on these: the instance is fine, our side is not (resume at once)
+NO_BACKOFF_KINDS = frozenset({"database"})
+
+
+def backoff_seconds(instance: Instance, failures: int, kind: str | None) -> int | None:
+    """Delay before the next sync after ``failures`` consecutive failed ticks, or None
+    for the normal interval. Doubles per failure, capped at ``backoff_max_seconds``.
+
+    Permanent errors back off from the first failure; transient ones (429, 5xx,
+    timeouts) after ``backoff_after_transient_failures`` failures in a row.
+    """
+    if failures <= 0 or kind in NO_BACKOFF_KINDS:
+        return None
+    if kind in PERMANENT_KINDS:
+        exponent = failures
+    else:
+        exponent = failures - instance.backoff_after_transient_failures + 1
+    if exponent <= 0:
+        return None
+    interval = instance.interval_seconds
+    cap = max(interval, instance.backoff_max_seconds)
+    delay = min(cap, interval * 2 ** min(exponent, 30))
+    return delay if delay > interval else None
+
+
+@dataclass(slots=True)
+class _Health:
+    failures: int = 0
+    kind: str | None = None
+    next_due: float = 0.0  # time.monotonic()
 
 
 def ids_digest(chat_ids: Iterable[str]) -> str:
@@ -167,12 +213,71 @@ class Syncer:
         client: GreenApiClient,
         *,
         clock: Callable[[], datetime] = utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         self.client = client
         self.clock = clock
+        self.monotonic = monotonic
         self._locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._health: dict[int, _Health] = {}
+
+    def due(self, instance: Instance) -> bool:
+        """False while the instance is backing off after failures (the daemon skips it)."""
+        health = self._health.get(instance.id_instance)
+        return health is None or self.monotonic() >= health.next_due
+
+    def consecutive_failures(self, instance_id: int) -> int:
+        health = self._health.get(instance_id)
+        return health.failures if health else 0
+
+    def restore_backoff(self, instances: Sequence[Instance]) -> None:
+        """Resume backoff after a restart from the failures recorded in ``sync_runs``."""
+        by_id = {i.id_instance: i for i in instances}
+        now = self.clock()
+        with self.engine.connect() as conn:
+            for iid, inst in by_id.items():
+                recent = conn.execute(
+                    select(runs_t.c.status, runs_t.c.error_kind, runs_t.c.started_at)
+                    .where(runs_t.c.instance_id == iid)
+                    .order_by(runs_t.c.started_at.desc(), runs_t.c.id.desc())
+                    .limit(64)
+                ).all()
+                failures = 0
+                for row in recent:
+                    if row.status != "failed":
+                        break
+                    failures += 1
+                if not failures:
+                    continue
+                delay = backoff_seconds(inst, failures, recent[0].error_kind)
+                elapsed = (now - recent[0].started_at).total_seconds()
+                health = _Health(failures, recent[0].error_kind)
+                if delay is not None:
+                    health.next_due = self.monotonic() + max(0.0, delay - elapsed)
+                self._health[iid] = health
+
+    def _note_result(self, instance: Instance, outcome: SyncOutcome) -> None:
+        """Track consecutive failures and decide this instance's next due time."""
+        health = self._health.setdefault(instance.id_instance, _Health())
+        if outcome.status == "failed":
+            health.failures += 1
+            health.kind = outcome.error_kind
+        else:
+            health.failures, health.kind = 0, None
+        outcome.backoff_seconds = backoff_seconds(instance, health.failures, health.kind)
+        # a little early, so scheduler jitter never makes us skip the tick that is due
+        delay = outcome.backoff_seconds or 0
+        health.next_due = self.monotonic() + max(0.0, delay - 1.0)
+        if outcome.backoff_seconds:
+            log.warning(
+                "instance %s: %d consecutive failures (%s), backing off: next sync in %ds",
+                instance.id_instance,
+                health.failures,
+                health.kind,
+                outcome.backoff_seconds,
+            )
 
     def _lock_for(self, instance_id: int) -> threading.Lock:
         with self._locks_guard:
@@ -206,6 +311,7 @@ class Syncer:
             outcome.attempts = exc.attempts or outcome.attempts
             outcome.error = redact(exc.message)
             self._finish(outcome, t0)
+            self._note_result(instance, outcome)
             self._write_failure(outcome)
             return outcome
 
@@ -226,6 +332,7 @@ class Syncer:
                 error=redact(f"{type(orig).__name__}: {str(orig)[:500]}"),
             )
             self._finish(outcome, t0)
+            self._note_result(instance, outcome)
             self._write_failure(outcome)
             return outcome
         self._log(instance, outcome)
@@ -325,6 +432,7 @@ class Syncer:
             outcome.status = "anomaly"
             outcome.error_kind, outcome.error = anomaly
             self._finish(outcome, t0)
+            self._note_result(instance, outcome)
             outcome.sync_run_id = self._insert_run(conn, outcome)
             return
 
@@ -368,6 +476,7 @@ class Syncer:
         outcome.chats_removed = len(vanished)
         outcome.ephemeral_changes = len(changed_ephemeral)
         self._finish(outcome, t0)
+        self._note_result(instance, outcome)
         run_id = self._insert_run(conn, outcome)
         outcome.sync_run_id = run_id
 

@@ -34,6 +34,11 @@ def _url() -> str:
 
 
 def _run(connection: Connection) -> None:
+    if connection.dialect.name == "sqlite":
+        # Batch mode rebuilds a table and renames it into place; SQLite >= 3.26 would then
+        # re-check the views (which name the table being rebuilt) and fail. The legacy
+        # rename leaves views alone; they resolve again once the rename is done.
+        connection.exec_driver_sql("PRAGMA legacy_alter_table = ON")
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
