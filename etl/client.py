@@ -7,6 +7,7 @@ host, the status and a redacted reason.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 import threading
@@ -32,7 +33,7 @@ from tenacity import (
 from etl import USER_AGENT
 from etl.config import Instance
 from etl.errors import ApiError, PayloadError
-from etl.redact import redact
+from etl.redact import install_log_redaction, redact
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,8 @@ def _error_detail(status: int, body: bytes) -> str:
                 for k in ("invokeStatus", "correspondentsStatus")
                 if isinstance(data, dict) and isinstance(data.get(k), dict)
             ]
-            if parts:
-                return ", ".join(parts)
+            if parts:  # the statuses are the server's text: mask them like any other
+                return _short(redact(", ".join(parts)), 200)
         except orjson.JSONDecodeError:
             pass
     return _short(redact(text), 200)
@@ -131,6 +132,9 @@ class GreenApiClient:
         backoff_max: float = 8.0,
         sleep: Callable[[float], None] | None = None,
     ) -> None:
+        # urllib3 logs request paths (and so the token) at DEBUG: mask them whoever set up
+        # logging, not only when the command line did.
+        install_log_redaction()
         self._session = requests.Session()
         adapter = HTTPAdapter(pool_connections=pool_maxsize, pool_maxsize=pool_maxsize)
         self._session.mount("http://", adapter)
@@ -268,14 +272,34 @@ class GreenApiClient:
     def _read_body(response: requests.Response, *, deadline: float, host: str) -> bytes:
         chunks: list[bytes] = []
         size = 0
-        for chunk in response.iter_content(chunk_size=256 * 1024):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise PayloadError(
-                    f"getChats on {host}: body larger than {MAX_BODY_BYTES} bytes",
-                    http_status=response.status_code,
-                )
-            if time.monotonic() > deadline:
-                raise requests.Timeout("body not received within the time budget")
+        # A read of one chunk blocks until the chunk is full, however slowly the bytes trickle
+        # in (the read timeout is per recv): at the deadline, cut the socket from a timer.
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _cut, (response,))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            for chunk in response.iter_content(chunk_size=256 * 1024):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise PayloadError(
+                        f"getChats on {host}: body larger than {MAX_BODY_BYTES} bytes",
+                        http_status=response.status_code,
+                    )
+                if time.monotonic() > deadline:
+                    raise requests.Timeout("body not received within the time budget")
+        except requests.RequestException:
+            if time.monotonic() >= deadline:
+                raise requests.Timeout("body not received within the time budget") from None
+            raise
+        finally:
+            watchdog.cancel()
         return b"".join(chunks)
+
+
+def _cut(response: requests.Response) -> None:
+    """Unblock a body read in another thread (urllib3 >= 2.3); harmless once it is done."""
+    shutdown = getattr(response.raw, "shutdown", None)
+    if shutdown is not None:
+        with contextlib.suppress(Exception):
+            shutdown()

@@ -97,12 +97,15 @@ def check_history_invariants(engine: Engine) -> None:
     all_rows = rows(
         engine,
         "SELECT instance_id, chat_id, ephemeral_expiration, ephemeral_setting_at, "
-        "valid_from, valid_to FROM chat_ephemeral_history ORDER BY instance_id, chat_id, valid_from",
+        "valid_from, valid_to FROM chat_ephemeral_history "
+        "ORDER BY instance_id, chat_id, valid_from",
     )
     chats = {
         (r.instance_id, r.chat_id): r
-        for r in rows(engine, "SELECT instance_id, chat_id, ephemeral_expiration, "
-                      "ephemeral_setting_at FROM chats")
+        for r in rows(
+            engine,
+            "SELECT instance_id, chat_id, ephemeral_expiration, ephemeral_setting_at FROM chats",
+        )
     }
     by_chat: dict[tuple[int, str], list[Any]] = {}
     for r in all_rows:

@@ -84,10 +84,7 @@ def test_seed_example_loads_exactly(sim, engine, csyncer, inst, clock):
     # First history row: valid_from is the API's (plausible, past) timestamp for John,
     # the observation time for the never-set chats.
     with engine.connect() as conn:
-        hist = {
-            h.chat_id: h
-            for h in conn.execute(select(ChatEphemeralHistory))
-        }
+        hist = {h.chat_id: h for h in conn.execute(select(ChatEphemeralHistory))}
     assert hist["79876543210@c.us"].valid_from == datetime.fromtimestamp(1777870423, UTC)
     assert hist["79001234567@c.us"].valid_from == clock.now
     assert all(h.valid_to is None and h.sync_run_id == out.sync_run_id for h in hist.values())
@@ -417,8 +414,9 @@ def test_rename_and_archive_update_only_that_chat(sim, engine, csyncer, inst, cl
     sim.set_chats(inst.id_instance, base)
     csyncer.sync(inst)
     t1 = clock.advance(60)
-    sim.set_chats(inst.id_instance, [dict(base[0], name="Renamed"), dict(base[1], archive=True),
-                                     base[2]])
+    sim.set_chats(
+        inst.id_instance, [dict(base[0], name="Renamed"), dict(base[1], archive=True), base[2]]
+    )
     out = csyncer.sync(inst)
     assert (out.chats_updated, out.ephemeral_changes) == (2, 0)
     assert chat_row(engine, inst.id_instance, base[0]["id"]).name == "Renamed"

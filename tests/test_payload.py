@@ -1,0 +1,479 @@
+"""The getChats decoder: whole-body failures, per-element rejections, normalisation."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from etl.errors import PayloadError
+from etl.payload import MAX_TIMESTAMP, ChatRecord, DecodedChats, decode_chats
+from tests.factories import SEED_EXAMPLE, chat
+
+
+def decode(items: list[Any]) -> DecodedChats:
+    return decode_chats(orjson.dumps(items))
+
+
+def only_rejection(item: Any) -> str:
+    """Decode a one-element list that must be rejected; return the reason."""
+    out = decode([item])
+    assert out.chats == [] and out.received == 1
+    assert len(out.rejected) == 1 and out.rejected[0].index == 0
+    return out.rejected[0].reason
+
+
+# -- the documented example ---------------------------------------------------------------
+
+
+def test_seed_example_decodes_exactly() -> None:
+    out = decode_chats(orjson.dumps(SEED_EXAMPLE))
+    assert out.received == 3 and out.rejected == []
+    assert out.chats == [
+        ChatRecord(
+            chat_id="79876543210@c.us",
+            chat_type="user",
+            name="John Doe",
+            archived=False,
+            ephemeral_expiration=86400,
+            ephemeral_setting_at=datetime.fromtimestamp(1777870423, UTC),
+            ephemeral_known=True,
+        ),
+        ChatRecord(
+            chat_id="79001234567@c.us",
+            chat_type="user",
+            name="Jane Doe",
+            archived=False,
+            ephemeral_expiration=0,
+            ephemeral_setting_at=None,  # 0 means "never set"
+            ephemeral_known=True,
+        ),
+        ChatRecord(
+            chat_id="79001234567-1479621234@g.us",
+            chat_type="group",
+            name="My Group",
+            archived=False,
+            ephemeral_expiration=0,
+            ephemeral_setting_at=None,
+            ephemeral_known=True,
+        ),
+    ]
+    assert out.chats[0].ephemeral_setting_at is not None
+    assert out.chats[0].ephemeral_setting_at.tzinfo is not None
+
+
+def test_str_body_is_accepted_like_bytes() -> None:
+    as_text = json.dumps(SEED_EXAMPLE, ensure_ascii=False)
+    assert decode_chats(as_text) == decode_chats(as_text.encode())
+
+
+# -- whole-body failures -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"<html><body>Login</body></html>", id="html"),
+        pytest.param(b"[{", id="truncated"),
+        pytest.param(b'[{"id": "1@c.us"}] trailing', id="trailing-garbage"),
+        pytest.param(b"\xff\xfe[]", id="invalid-utf8-bom"),
+        pytest.param(b'["\xc3\x28"]', id="invalid-utf8-in-string"),
+        pytest.param(b'[{"id": "\xed\xa0\x80@c.us"}]', id="utf8-encoded-surrogate"),
+        pytest.param(b"[1e400]", id="infinite-number"),
+        pytest.param(b"[" * 2000 + b"]" * 2000, id="too-deep"),
+        pytest.param(b'{"error": "x"}', id="object"),
+        pytest.param(b'"[]"', id="json-string"),
+        pytest.param(b"42", id="json-number"),
+        pytest.param(b"null", id="json-null"),
+        pytest.param(b"true", id="json-bool"),
+    ],
+)
+def test_unusable_body_is_payload_error(body: bytes) -> None:
+    with pytest.raises(PayloadError) as info:
+        decode_chats(body)
+    err = info.value
+    assert err.error_kind == "bad_payload"
+    assert err.http_status == 200
+    assert str(err)
+
+
+def test_payload_error_names_the_json_type() -> None:
+    with pytest.raises(PayloadError, match="JSON dict, not an array"):
+        decode_chats(b'{"a": 1}')
+    with pytest.raises(PayloadError, match="not valid JSON"):
+        decode_chats(b"nope")
+
+
+def test_empty_array_decodes_to_nothing() -> None:
+    # Judging [] is the syncer's job (an anomaly); the decoder just reports it.
+    assert decode_chats(b"[]") == DecodedChats(chats=[], rejected=[], received=0)
+
+
+# -- per-element rejections --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("item", "reason"),
+    [
+        pytest.param(None, "element is a NoneType, not an object", id="null"),
+        pytest.param("79001234567@c.us", "element is a str, not an object", id="string"),
+        pytest.param([1, 2], "element is a list, not an object", id="list"),
+        pytest.param(7, "element is a int, not an object", id="number"),
+        pytest.param({"name": "x"}, "id has type NoneType", id="no-id"),
+        pytest.param({"id": None}, "id has type NoneType", id="null-id"),
+        pytest.param({"id": ""}, "id is empty", id="empty-id"),
+        pytest.param({"id": "  \t "}, "id is empty", id="blank-id"),
+        pytest.param({"id": "\x00\x00"}, "id is empty", id="nul-only-id"),
+        pytest.param({"id": True}, "id is a boolean", id="bool-id"),
+        pytest.param({"id": 0}, "id is not a positive number", id="zero-id"),
+        pytest.param({"id": -5}, "id is not a positive number", id="negative-id"),
+        pytest.param({"id": 1.5}, "id has type float", id="float-id"),
+        pytest.param({"id": {"a": 1}}, "id has type dict", id="object-id"),
+        pytest.param({"id": "1@c.us", "name": 5}, "name has type int", id="int-name"),
+        pytest.param({"id": "1@c.us", "name": ["a"]}, "name has type list", id="list-name"),
+        pytest.param({"id": "1@c.us", "archive": "yes"}, "archive has type str", id="str-archive"),
+        pytest.param({"id": "1@c.us", "archive": 1}, "archive has type int", id="int-archive"),
+        pytest.param({"id": "1@c.us", "type": 3}, "type has type int", id="int-type"),
+        pytest.param(
+            {"id": "1@c.us", "ephemeralExpiration": True},
+            "ephemeralExpiration has type bool",
+            id="bool-expiration",
+        ),
+        pytest.param(
+            {"id": "1@c.us", "ephemeralExpiration": False},
+            "ephemeralExpiration has type bool",
+            id="false-expiration",
+        ),
+        pytest.param(
+            {"id": "1@c.us", "ephemeralSettingTimestamp": True},
+            "ephemeralSettingTimestamp has type bool",
+            id="bool-timestamp",
+        ),
+        pytest.param(
+            {"id": "1@c.us", "ephemeralExpiration": 86400.0},
+            "ephemeralExpiration has type float",
+            id="float-expiration",
+        ),
+        pytest.param(
+            {"id": "1@c.us", "ephemeralExpiration": "86400"},
+            "ephemeralExpiration has type str",
+            id="str-expiration",
+        ),
+        pytest.param(
+            {"id": "1@c.us", "ephemeralExpiration": -1},
+            "ephemeralExpiration is negative",
+            id="negative-expiration",
+        ),
+        pytest.param(
+            {"id": "1@c.us", "ephemeralExpiration": 2**31},
+            "ephemeralExpiration out of range",
+            id="huge-expiration",
+        ),
+        pytest.param(
+            {"id": "1@c.us", "ephemeralExpiration": 0, "ephemeralSettingTimestamp": -1},
+            "ephemeralSettingTimestamp is negative",
+            id="negative-timestamp",
+        ),
+        pytest.param(
+            {"id": "1@c.us", "ephemeralExpiration": 0, "ephemeralSettingTimestamp": -(2**63)},
+            "ephemeralSettingTimestamp is negative",
+            id="min-int64-timestamp",
+        ),
+        pytest.param(
+            {"id": "1@c.us", "ephemeralExpiration": 0, "ephemeralSettingTimestamp": 2**63 - 1},
+            "ephemeralSettingTimestamp out of range",
+            id="max-int64-timestamp",
+        ),
+        pytest.param(
+            {
+                "id": "1@c.us",
+                "ephemeralExpiration": 0,
+                "ephemeralSettingTimestamp": MAX_TIMESTAMP + 1,
+            },
+            "ephemeralSettingTimestamp out of range",
+            id="timestamp-after-9999",
+        ),
+    ],
+)
+def test_element_rejections_with_reasons(item: Any, reason: str) -> None:
+    assert only_rejection(item) == reason
+
+
+def test_beyond_64_bit_numbers_reject_the_element_not_the_body() -> None:
+    # orjson reads integers beyond 64 bits as floats: the element is rejected, the rest kept.
+    body = (
+        b'[{"id": "1@c.us", "ephemeralExpiration": 0, '
+        b'"ephemeralSettingTimestamp": 100000000000000000000000000000},'
+        b' {"id": "2@c.us"}, {"id": 100000000000000000000000000000}]'
+    )
+    out = decode_chats(body)
+    assert [c.chat_id for c in out.chats] == ["2@c.us"]
+    assert [(r.index, r.reason) for r in out.rejected] == [
+        (0, "ephemeralSettingTimestamp has type float"),
+        (2, "id has type float"),
+    ]
+
+
+def test_timestamp_bounds_are_inclusive() -> None:
+    out = decode(
+        [
+            {"id": "1@c.us", "ephemeralExpiration": 86400, "ephemeralSettingTimestamp": 1},
+            {
+                "id": "2@c.us",
+                "ephemeralExpiration": 86400,
+                "ephemeralSettingTimestamp": MAX_TIMESTAMP,
+            },
+            {"id": "3@c.us", "ephemeralExpiration": 2**31 - 1, "ephemeralSettingTimestamp": 0},
+        ]
+    )
+    assert out.rejected == []
+    assert out.chats[0].ephemeral_setting_at == datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)
+    assert out.chats[1].ephemeral_setting_at == datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+    assert out.chats[2].ephemeral_expiration == 2**31 - 1
+    assert out.chats[2].ephemeral_setting_at is None
+
+
+def test_rejections_keep_the_rest_and_remember_readable_ids() -> None:
+    out = decode(
+        [
+            chat("1@c.us"),
+            {"id": "2@c.us", "name": 12},
+            "junk",
+            {"id": None},
+            chat("3@c.us"),
+            {"id": "79001234567", "archive": "no"},
+        ]
+    )
+    assert [c.chat_id for c in out.chats] == ["1@c.us", "3@c.us"]
+    assert [(r.index, r.chat_id) for r in out.rejected] == [
+        (1, "2@c.us"),
+        (2, None),
+        (3, None),
+        (5, "79001234567@c.us"),
+    ]
+    assert out.received == 6
+
+
+# -- normalisation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        pytest.param("79001234567", "79001234567@c.us", id="bare-digit-string"),
+        pytest.param(" 79001234567 ", "79001234567@c.us", id="padded-digit-string"),
+        pytest.param(79001234567, "79001234567@c.us", id="json-integer"),
+        pytest.param("7900\x001234567", "79001234567@c.us", id="nul-in-digits"),
+        pytest.param("79001234567@c.us", "79001234567@c.us", id="person"),
+        pytest.param("123456789012345@lid", "123456789012345@lid", id="lid"),
+        pytest.param("120363043968066561@g.us", "120363043968066561@g.us", id="group"),
+        pytest.param("120363@newsletter", "120363@newsletter", id="newsletter-kept"),
+        pytest.param("status@broadcast", "status@broadcast", id="broadcast-kept"),
+        pytest.param("١٢٣", "١٢٣", id="non-ascii-digits-opaque"),
+        pytest.param("7900@c.us\x00", "7900@c.us", id="trailing-nul"),
+    ],
+)
+def test_chat_id_normalisation(raw: Any, expected: str) -> None:
+    out = decode([{"id": raw, "name": "x"}])
+    assert out.rejected == []
+    assert out.chats[0].chat_id == expected
+
+
+def test_nul_is_stripped_from_name_and_type() -> None:
+    out = decode([{"id": "1@c.us", "name": "Jo\x00hn\x00", "type": "us\x00er"}])
+    assert (out.chats[0].name, out.chats[0].chat_type) == ("John", "user")
+
+
+def test_unicode_names_are_kept_verbatim() -> None:
+    names = ["Маша 🌸", "محمد علي", "שרה כהן", "👨‍👩‍👧 Family", "", "x" * 5000]
+    out = decode([chat(f"{i}@c.us", name=n) for i, n in enumerate(names, start=1)])
+    assert [c.name for c in out.chats] == names
+
+
+def test_unknown_type_is_stored_as_given() -> None:
+    out = decode([{"id": "1@newsletter", "type": "channel"}])
+    assert out.chats[0].chat_type == "channel"
+
+
+def test_duplicates_after_normalisation_first_wins() -> None:
+    out = decode(
+        [
+            chat("79001234567@c.us", name="first"),
+            chat("79001234567", name="bare"),
+            {"id": 79001234567, "name": "int"},
+            chat("7900123\x004567@c.us", name="nul"),
+            chat("79001234568@c.us", name="other"),
+        ]
+    )
+    assert [(c.chat_id, c.name) for c in out.chats] == [
+        ("79001234567@c.us", "first"),
+        ("79001234568@c.us", "other"),
+    ]
+    assert [(r.index, r.chat_id) for r in out.rejected] == [
+        (1, "79001234567@c.us"),
+        (2, "79001234567@c.us"),
+        (3, "79001234567@c.us"),
+    ]
+    assert all(r.reason.startswith("duplicate id") for r in out.rejected)
+    assert out.received == 5
+
+
+def test_rejected_element_does_not_claim_its_id() -> None:
+    # A bad first copy is rejected; the later valid copy of the same id is kept.
+    out = decode([{"id": "1@c.us", "name": 1}, chat("1@c.us", name="good")])
+    assert [(c.chat_id, c.name) for c in out.chats] == [("1@c.us", "good")]
+
+
+def test_missing_optional_fields_get_defaults() -> None:
+    out = decode([{"id": "79001234567"}, {"id": "79001234567-1479621234@g.us"}])
+    person, group = out.chats
+    assert person == ChatRecord(
+        chat_id="79001234567@c.us",
+        chat_type="user",
+        name="",
+        archived=False,
+        ephemeral_expiration=None,
+        ephemeral_setting_at=None,
+        ephemeral_known=False,
+    )
+    assert group.chat_type == "group"  # inferred from @g.us
+    assert group.ephemeral_known is False
+
+
+def test_null_optional_fields_are_like_missing() -> None:
+    out = decode(
+        [
+            {
+                "id": "1@g.us",
+                "name": None,
+                "type": None,
+                "archive": None,
+                "ephemeralExpiration": None,
+                "ephemeralSettingTimestamp": None,
+            }
+        ]
+    )
+    c = out.chats[0]
+    assert (c.name, c.chat_type, c.archived, c.ephemeral_known) == ("", "group", False, False)
+
+
+def test_missing_ephemeral_fields_mean_unknown() -> None:
+    out = decode(
+        [
+            {"id": "1@c.us", "ephemeralSettingTimestamp": 1700000000},  # no expiration
+            {"id": "2@c.us", "ephemeralExpiration": 604800},  # no timestamp
+            {"id": "3@c.us", "ephemeralExpiration": 0, "ephemeralSettingTimestamp": 0},
+        ]
+    )
+    a, b, c = out.chats
+    assert (a.ephemeral_known, a.ephemeral_expiration, a.ephemeral_setting_at) == (
+        False,
+        None,
+        None,
+    )
+    assert (b.ephemeral_known, b.ephemeral_expiration, b.ephemeral_setting_at) == (
+        True,
+        604800,
+        None,
+    )
+    assert (c.ephemeral_known, c.ephemeral_expiration, c.ephemeral_setting_at) == (True, 0, None)
+
+
+def test_archived_and_explicit_type_are_kept() -> None:
+    out = decode([chat("1@g.us", kind="user", archive=True)])
+    assert (out.chats[0].chat_type, out.chats[0].archived) == ("user", True)
+
+
+def test_unknown_extra_fields_are_ignored() -> None:
+    out = decode([{**chat("1@c.us"), "unreadCount": 3, "lastMessage": {"x": 1}}])
+    assert out.rejected == [] and out.chats[0].chat_id == "1@c.us"
+
+
+# -- properties --------------------------------------------------------------------------
+
+# characters that matter to the decoder (digits, id suffixes, NUL, blanks, RTL, emoji), plus any
+text_chars = st.sampled_from(list("0123456789@.cusgl-_ \t\x00\u200f🌸מЖ")) | st.characters(
+    codec="utf-8"
+)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(text_chars, max_size=12)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(text_chars, max_size=6), children, max_size=4)
+    ),
+    max_leaves=10,
+)
+chat_keys = st.sampled_from(
+    ["id", "name", "type", "archive", "ephemeralExpiration", "ephemeralSettingTimestamp", "x"]
+)
+# mostly-plausible chats, so that the accept path (and duplicates) is exercised too
+chat_like = st.dictionaries(chat_keys, json_values, max_size=6) | st.fixed_dictionaries(
+    {"id": st.sampled_from(["5", "5@c.us", " 5", 5, "6@g.us", "5\x00"]) | json_scalars},
+    optional={
+        "name": st.text(text_chars, max_size=8) | json_scalars,
+        "archive": st.booleans() | json_scalars,
+        "ephemeralExpiration": st.sampled_from([0, 86400, -1, 2**31]) | json_scalars,
+        "ephemeralSettingTimestamp": st.integers(-5, 2**40) | json_scalars,
+    },
+)
+
+
+def _check(out: DecodedChats, n: int) -> None:
+    assert isinstance(out, DecodedChats)
+    assert out.received == n
+    assert len(out.chats) + len(out.rejected) == n
+    ids = [c.chat_id for c in out.chats]
+    assert len(ids) == len(set(ids))
+    for c in out.chats:
+        assert c.chat_id and "\x00" not in c.chat_id and "\x00" not in c.name
+        assert "\x00" not in c.chat_type
+        assert c.ephemeral_known == (c.ephemeral_expiration is not None)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_decode_or_payload_error(body: bytes) -> None:
+    try:
+        out = decode_chats(body)
+    except PayloadError as exc:
+        assert exc.error_kind == "bad_payload"
+        return
+    assert isinstance(out, DecodedChats)
+    assert len(out.chats) + len(out.rejected) == out.received
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(st.lists(json_values | chat_like, max_size=6))
+def test_any_json_list_decodes_every_element(items: list[Any]) -> None:
+    body = json.dumps(items, ensure_ascii=False).encode("utf-8")
+    _check(decode_chats(body), len(items))
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(st.lists(json_values, max_size=5), st.integers(0, 40))
+def test_any_json_list_with_noise_never_raises_other_errors(items: list[Any], cut: int) -> None:
+    body = json.dumps(items).encode()
+    for candidate in (body, body[:cut], body + b"x", body.replace(b",", b"", 1)):
+        try:
+            out = decode_chats(candidate)
+        except PayloadError:
+            continue
+        assert len(out.chats) + len(out.rejected) == out.received
