@@ -534,6 +534,14 @@ class Syncer:
         )
         if event_rows:
             conn.execute(insert(events_t), event_rows)
+        # the run row went in first (history and events point at it); now that every
+        # write is done, record the real end time
+        self._finish(outcome, t0)
+        conn.execute(
+            update(runs_t)
+            .where(runs_t.c.id == run_id)
+            .values(finished_at=outcome.finished_at, duration_ms=outcome.duration_ms)
+        )
 
     def _check_anomaly(
         self,
@@ -546,13 +554,16 @@ class Syncer:
     ) -> tuple[str, str] | None:
         """(error_kind, text) when this tick must not be applied; keeps the confirmation streak."""
         iid = instance.id_instance
-        if decoded.received == 0:
-            return "empty_response", "getChats returned an empty list; nothing applied"
         state = conn.execute(
             select(state_t.c.pending_removal_digest, state_t.c.pending_removal_streak).where(
                 state_t.c.instance_id == iid
             )
         ).first()
+        if decoded.received == 0:
+            # an answered fetch that breaks a run of identical shrunken lists
+            if state is not None and state.pending_removal_digest is not None:
+                self._save_state(conn, iid, None, 0, now)
+            return "empty_response", "getChats returned an empty list; nothing applied"
         mass = bool(present) and len(vanished) / len(present) > instance.mass_removal_threshold
         if not mass:
             if state is not None and state.pending_removal_digest is not None:

@@ -475,3 +475,30 @@ def test_register_instances_disables_dropped_ones(sim, engine):
     assert got == {a.id_instance: True, b.id_instance: False}
     cols = {c.lower() for c in rows(engine, "SELECT * FROM instances")[0]._fields}
     assert not any("token" in c for c in cols)
+
+
+def test_empty_list_breaks_the_mass_removal_streak(sim, engine, csyncer, inst, clock):
+    base = chats_list(10)
+    sim.set_chats(inst.id_instance, base)
+    csyncer.sync(inst)
+    sim.set_chats(inst.id_instance, base[:4])
+    assert "1/3" in (csyncer.sync(inst).error or "")
+    sim.set_fault(inst.id_instance, Fault(mode="empty", times=1))
+    assert csyncer.sync(inst).error_kind == "empty_response"
+    sim.set_fault(inst.id_instance, Fault(status=500, times=4))
+    assert csyncer.sync(inst).status == "failed"  # a failed fetch neither counts nor breaks
+    for expected in ("1/3", "2/3"):
+        out = csyncer.sync(inst)
+        assert out.status == "anomaly" and expected in (out.error or "")
+    assert csyncer.sync(inst).chats_removed == 6
+
+
+def test_run_row_times_cover_the_database_writes(sim, engine, csyncer, inst):
+    out = csyncer.sync(inst)
+    run = rows(engine, "SELECT finished_at, duration_ms FROM sync_runs")[0]
+    assert run.duration_ms == out.duration_ms
+    with engine.connect() as conn:
+        from etl.models import SyncRun
+
+        finished = conn.execute(select(SyncRun.finished_at)).scalar_one()
+    assert finished == out.finished_at
