@@ -87,6 +87,12 @@ def lock_instance(conn: Connection, instance_id: int) -> None:
         conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s, %s)", (4242, instance_id % 2**31))
 
 
+def lock_registry(conn: Connection) -> None:
+    """Serialise writers of the ``instances`` table (replicas starting together)."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s, %s)", (4243, 0))
+
+
 def alembic_config(url: str | None = None, connection: Connection | None = None) -> AlembicConfig:
     cfg = (
         AlembicConfig(str(ROOT / "alembic.ini"))

@@ -201,3 +201,15 @@ class InstanceSyncState(Base):
     updated_at: Mapped[datetime]
     lease_owner: Mapped[str | None] = mapped_column(Text)
     lease_until: Mapped[datetime | None]
+
+
+class Replica(Base):
+    """A running ``etl run`` process sharing this PostgreSQL (see ``etl/leases.py``)."""
+
+    __tablename__ = "replicas"
+
+    replica_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    hostname: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]

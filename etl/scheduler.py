@@ -16,6 +16,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy.exc import SQLAlchemyError
 
 from etl.config import Instance
+from etl.leases import LeaseManager
 from etl.sync import Syncer, SyncOutcome, utcnow
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,11 @@ class Daemon:
         instances: Sequence[Instance],
         max_workers: int = 8,
         shutdown_timeout: float = 30.0,
+        leases: LeaseManager | None = None,
     ) -> None:
         self.syncer = syncer
         self.instances = [i for i in instances if i.enabled]
+        self.leases = leases if leases is not None else LeaseManager(syncer.engine, self.instances)
         self.shutdown_timeout = shutdown_timeout
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=max_workers)},
@@ -59,6 +62,17 @@ class Daemon:
     def _job(self, instance: Instance) -> SyncOutcome | None:
         if not self.syncer.due(instance):
             log.debug("instance %s: backing off, tick skipped", instance.id_instance)
+            return None
+        try:
+            if not self.leases.claim(instance):
+                log.debug("instance %s: synced by another replica", instance.id_instance)
+                return None
+        except SQLAlchemyError as exc:
+            log.warning(
+                "instance %s: could not claim the lease (%s); tick skipped",
+                instance.id_instance,
+                type(exc).__name__,
+            )
             return None
         try:
             outcome = self.syncer.sync(instance)
@@ -91,8 +105,23 @@ class Daemon:
                 coalesce=True,
                 misfire_grace_time=inst.interval_seconds,
             )
+        if self.leases.enabled:
+            self._heartbeat()
+            self.scheduler.add_job(
+                self._heartbeat,
+                IntervalTrigger(seconds=self.leases.heartbeat_seconds, timezone="UTC"),
+                id="replica-heartbeat",
+                max_instances=1,
+                coalesce=True,
+            )
         self.scheduler.start()
         log.info("scheduler started: %d instances", len(self.instances))
+
+    def _heartbeat(self) -> None:
+        try:
+            self.leases.heartbeat()
+        except SQLAlchemyError as exc:
+            log.warning("replica heartbeat failed: %s", type(exc).__name__)
 
     def stop(self) -> bool:
         """Stop taking work; wait (bounded) for running syncs. True if they all finished."""
@@ -110,6 +139,10 @@ class Daemon:
         threading.Thread(target=_shutdown, name="scheduler-shutdown", daemon=True).start()
         finished = done.wait(self.shutdown_timeout)
         if finished:
+            try:
+                self.leases.release_all()
+            except SQLAlchemyError as exc:
+                log.warning("could not release leases: %s", type(exc).__name__)
             log.info("scheduler stopped; running syncs finished")
         else:
             log.error("running syncs did not finish within %.0fs", self.shutdown_timeout)

@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from etl.client import GreenApiClient
 from etl.config import Instance
-from etl.db import insert_for, lock_instance
+from etl.db import insert_for, lock_instance, lock_registry
 from etl.errors import SyncError
 from etl.models import Chat as ChatModel
 from etl.models import ChatEphemeralHistory, ChatEvent, InstanceRow, InstanceSyncState, SyncRun
@@ -169,6 +169,7 @@ def register_instances(
     now = now or utcnow()
     configured = {i.id_instance: i for i in instances}
     with engine.begin() as conn:
+        lock_registry(conn)
         stored = {
             r.id_instance: r
             for r in conn.execute(
@@ -180,14 +181,13 @@ def register_instances(
                 )
             )
         }
+        new_rows = []
         for inst in instances:
             row = stored.get(inst.id_instance)
             values = {"label": inst.label, "api_url": inst.api_url, "enabled": inst.enabled}
             if row is None:
-                conn.execute(
-                    insert(instances_t).values(
-                        id_instance=inst.id_instance, created_at=now, updated_at=now, **values
-                    )
+                new_rows.append(
+                    {"id_instance": inst.id_instance, "created_at": now, "updated_at": now} | values
                 )
             elif (row.label, row.api_url, row.enabled) != tuple(values.values()):
                 conn.execute(
@@ -195,6 +195,8 @@ def register_instances(
                     .where(instances_t.c.id_instance == inst.id_instance)
                     .values(updated_at=now, **values)
                 )
+        if new_rows:
+            conn.execute(insert(instances_t), new_rows)
         gone = [i for i, r in stored.items() if i not in configured and r.enabled]
         if gone:
             conn.execute(
