@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 
 import click
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 
 from etl import __version__
 from etl.client import GreenApiClient
@@ -118,6 +120,9 @@ class EtlGroup(click.Group):
             return super().invoke(ctx)
         except EtlError as exc:
             _fail(str(exc))
+        except OperationalError as exc:  # unreachable database, bad path, ...
+            detail = str(exc.orig if exc.orig is not None else exc).strip()
+            _fail(f"database: {detail.splitlines()[0] if detail else type(exc).__name__}")
 
 
 @click.group(cls=EtlGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -231,7 +236,9 @@ def _print_outcomes(outcomes: Sequence[SyncOutcome]) -> None:
 @global_options
 @click.option("--once", is_flag=True, help="One pass over every enabled instance, then exit.")
 @click.option("--instance", "only", type=int, multiple=True, help="Only this id (repeatable).")
-@click.option("--workers", type=int, default=None, help="Parallel syncs (default: config).")
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Parallel syncs (default: config)."
+)
 def sync_cmd(once: bool, only: tuple[int, ...], workers: int | None) -> None:
     """Sync every configured instance once.
 
@@ -256,7 +263,12 @@ def sync_cmd(once: bool, only: tuple[int, ...], workers: int | None) -> None:
 
 @cli.command("run")
 @global_options
-@click.option("--workers", type=int, default=None, help="Thread pool size (default: config).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Thread pool size (default: config).",
+)
 def run_cmd(workers: int | None) -> None:
     """Run the daemon: every enabled instance every interval until SIGTERM/SIGINT."""
     _setup_logging()
@@ -281,7 +293,14 @@ def run_cmd(workers: int | None) -> None:
     finally:
         client.close()
         engine.dispose()
-    sys.exit(0 if clean else 1)
+    if not clean:
+        # Syncs still running after shutdown_timeout_seconds: their worker threads are not
+        # daemonic, so a normal exit would wait for them anyway. Leave now: whatever they
+        # have not committed rolls back.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(1)
+    sys.exit(0)
 
 
 # -- simulator and demo ----------------------------------------------------------------

@@ -26,6 +26,7 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_before_delay,
+    stop_when_event_set,
     wait_exponential,
     wait_random,
 )
@@ -170,14 +171,27 @@ class GreenApiClient:
         deadline = time.monotonic() + budget
         attempts = 0
 
+        last_error: ApiError | None = None
+
         def attempt() -> FetchResult:
-            nonlocal attempts
+            nonlocal attempts, last_error
+            if last_error is not None and self._stop.is_set():
+                last_error.retryable = False  # shutting down: no more retries
+                raise last_error
             attempts += 1
-            return self._attempt(instance, deadline=deadline, attempt=attempts)
+            try:
+                return self._attempt(instance, deadline=deadline, attempt=attempts)
+            except ApiError as exc:
+                last_error = exc
+                raise
 
         retrying = Retrying(
             retry=retry_if_exception(lambda e: isinstance(e, ApiError) and e.retryable),
-            stop=stop_after_attempt(instance.max_attempts) | stop_before_delay(budget),
+            stop=(
+                stop_after_attempt(instance.max_attempts)
+                | stop_before_delay(budget)
+                | stop_when_event_set(self._stop)
+            ),
             wait=self._wait,
             sleep=self._sleep,
             before_sleep=self._log_retry(instance),

@@ -32,6 +32,6 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     # Third-party chatter stays at WARNING unless DEBUG was asked for.
     noisy = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
-    for name in ("apscheduler", "urllib3", "alembic.runtime.plugins"):
+    for name in ("apscheduler", "urllib3", "alembic.runtime.plugins", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(noisy)
     install_log_redaction()

@@ -585,3 +585,19 @@ def test_sync_records_each_failure_and_stores_nothing(
             assert sent == (0 if name == "refused" else expected[3]), name
     assert table_counts(engine)["sync_runs"] == len(SYNC_CASES)
     assert table_counts(engine)["chats"] == 30
+
+
+def test_interrupt_stops_further_retries(sim) -> None:
+    """At shutdown the client stops retrying instead of firing every remaining attempt."""
+    import threading
+
+    client = GreenApiClient(backoff_initial=0.5, backoff_max=1.0)
+    inst = make_instance(sim, max_attempts=6)
+    sim.set_fault(inst.id_instance, Fault(status=503))
+    threading.Timer(0.2, client.interrupt).start()
+    with pytest.raises(ApiError) as err:
+        client.get_chats(inst)
+    client.close()
+    assert err.value.error_kind == "server_error"
+    assert err.value.attempts == 1
+    assert sim.request_count(inst.id_instance) == 1

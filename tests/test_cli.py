@@ -1,0 +1,345 @@
+"""The command line: help texts, and end-to-end runs of ``python -m etl`` as real processes
+against the simulator over HTTP and real databases."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import Engine
+
+from etl import __version__
+from etl.cli import cli
+from etl.db import ROOT, head_revision, make_engine, upgrade
+from etl.simulator import Fault, Simulator
+from tests.factories import check_history_invariants, rows, scalar
+
+README = ROOT / "README.md"
+
+
+def etl_env(**extra: str) -> dict[str, str]:
+    """The current environment without ETL_DATABASE_URL / ETL_CONFIG, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ETL_DATABASE_URL", "ETL_CONFIG")}
+    env.update(extra)
+    return env
+
+
+def run_etl(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "etl", *args],
+        cwd=cwd,
+        env=env if env is not None else etl_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_config(path: Path, sim: Simulator, *, database_url: str | None = None) -> Path:
+    path.write_text(sim.config_toml(database_url=database_url), encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def migrated(url: str) -> Engine:
+    engine = make_engine(url)
+    upgrade(engine)
+    return engine
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """Non-zero exit, one ``error:`` line on stderr naming ``needles``, no traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+@pytest.fixture
+def sim_config(tmp_path: Path, sim: Simulator) -> Path:
+    return write_config(tmp_path / "etl.toml", sim)
+
+
+# -- help and documentation ---------------------------------------------------------------
+
+
+def _command_tree(
+    group: click.Group, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    yield path, group
+    for name, sub in sorted(group.commands.items()):
+        if isinstance(sub, click.Group):
+            yield from _command_tree(sub, (*path, name))
+        else:
+            yield (*path, name), sub
+
+
+COMMANDS = list(_command_tree(cli))
+
+
+@pytest.mark.parametrize("path,command", COMMANDS, ids=[" ".join(p) or "etl" for p, _ in COMMANDS])
+def test_every_command_has_help(path: tuple[str, ...], command: click.Command) -> None:
+    assert (command.help or "").strip(), f"`etl {' '.join(path)}` has no help text"
+    result = CliRunner().invoke(cli, [*path, "--help"], prog_name="etl")
+    assert result.exit_code == 0, result.output
+    assert f"Usage: etl {' '.join(path)}".rstrip() in result.output
+    first_words = " ".join((command.help or "").split()[:8])
+    assert first_words in " ".join(result.output.split())
+    if path:  # the global options are accepted after the subcommand too
+        for opt in ("--config", "--database-url", "--log-level", "--log-format"):
+            assert opt in result.output, f"`etl {' '.join(path)} --help` lacks {opt}"
+
+
+def test_command_tree_is_complete() -> None:
+    names = {" ".join(p) for p, _ in COMMANDS}
+    expected = {"", "demo", "run", "simulate", "sync", "db"}
+    expected |= {"db upgrade", "db downgrade", "db current"}
+    assert expected <= names
+
+
+@pytest.mark.xfail(
+    not README.exists(), reason="README.md not written yet (the lead adds it)", strict=False
+)
+def test_readme_mentions_every_top_level_command() -> None:
+    text = README.read_text(encoding="utf-8")
+    missing = [name for name in cli.commands if f"etl {name}" not in text]
+    assert missing == [], f"README.md does not mention: {missing}"
+    for name in ("upgrade", "downgrade", "current"):
+        assert f"etl db {name}" in text
+
+
+def test_sync_without_once_is_a_usage_error() -> None:
+    result = CliRunner().invoke(cli, ["sync"], prog_name="etl")
+    assert result.exit_code == 2
+    assert "etl sync --once" in result.output
+
+
+@pytest.mark.parametrize("command", ["sync --once", "run"])
+def test_workers_must_be_positive(command: str) -> None:
+    result = CliRunner().invoke(cli, [*command.split(), "--workers", "0"], prog_name="etl")
+    assert result.exit_code == 2
+    assert "--workers" in result.output
+
+
+def test_unreachable_database_is_one_clean_line(tmp_path: Path) -> None:
+    url = "postgresql://etl:pw-s3cret-pw@127.0.0.1:1/nothing"  # nothing listens on port 1
+    proc = run_etl("db", "current", "--database-url", url, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_clean_error(proc, "error: database:")
+    assert "pw-s3cret-pw" not in proc.stderr + proc.stdout
+
+
+def test_version(tmp_path: Path) -> None:
+    proc = run_etl("--version", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert __version__ in proc.stdout
+    assert "chatsync" in proc.stdout
+
+
+# -- end to end: db upgrade, sync --once ---------------------------------------------------
+
+
+def test_upgrade_then_sync_once(tmp_path: Path, sim: Simulator, db_url: str) -> None:
+    write_config(tmp_path / "etl.toml", sim)  # found as ./etl.toml
+    env = etl_env(ETL_DATABASE_URL=db_url)
+
+    up = run_etl("db", "upgrade", cwd=tmp_path, env=env)
+    assert up.returncode == 0, up.stderr
+    assert f"is at revision {head_revision()}" in up.stdout
+
+    proc = run_etl("sync", "--once", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:3] == ["instance", "status", "kind"]
+    table = {int(line.split()[0]): line.split() for line in lines[1:]}
+    assert set(table) == set(sim.instance_ids)
+    for iid, cols in table.items():
+        assert cols[1] == "ok", proc.stdout
+        assert int(cols[3]) == len(sim.chats(iid))  # recv
+        assert int(cols[4]) == len(sim.chats(iid))  # new
+
+    engine = make_engine(db_url)
+    try:
+        runs = rows(engine, "SELECT instance_id, status FROM sync_runs ORDER BY instance_id")
+        assert [(r.instance_id, r.status) for r in runs] == [(i, "ok") for i in sim.instance_ids]
+        for iid in sim.instance_ids:
+            n = scalar(engine, "SELECT COUNT(*) FROM chats WHERE instance_id = :i", i=iid)
+            assert n == len(sim.chats(iid))
+        assert scalar(engine, "SELECT COUNT(*) FROM instances") == len(sim.instance_ids)
+        check_history_invariants(engine)
+    finally:
+        engine.dispose()
+    assert not (tmp_path / "chats.db").exists()  # the default URL was not used
+
+
+def test_sync_once_exits_1_when_an_instance_fails(
+    tmp_path: Path, sim: Simulator, sim_config: Path
+) -> None:
+    url = sqlite_url(tmp_path / "a.db")
+    engine = migrated(url)
+    bad = sim.instance_ids[1]
+    sim.set_fault(bad, Fault(status=401))
+    try:
+        proc = run_etl("sync", "--once", cwd=tmp_path, env=etl_env(ETL_DATABASE_URL=url))
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr
+        table = {
+            int(line.split()[0]): line.split()
+            for line in proc.stdout.splitlines()[1:]
+            if line.split() and line.split()[0].isdigit()
+        }
+        assert table[bad][1:3] == ["failed", "unauthorized"]
+        assert all(table[i][1] == "ok" for i in sim.instance_ids if i != bad)
+        runs = {
+            r.instance_id: r
+            for r in rows(engine, "SELECT instance_id, status, http_status FROM sync_runs")
+        }
+        assert (runs[bad].status, runs[bad].http_status) == ("failed", 401)
+        assert all(runs[i].status == "ok" for i in sim.instance_ids if i != bad)
+        assert scalar(engine, "SELECT COUNT(*) FROM chats WHERE instance_id = :i", i=bad) == 0
+        assert sim.request_count(bad) == 1  # 401 is not retried
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("args", [("sync", "--once"), ("run",)], ids=["sync", "run"])
+def test_refuses_before_db_upgrade(
+    tmp_path: Path, sim: Simulator, sim_config: Path, args: tuple[str, ...]
+) -> None:
+    db_file = tmp_path / "empty.db"
+    proc = run_etl(*args, cwd=tmp_path, env=etl_env(ETL_DATABASE_URL=sqlite_url(db_file)))
+    assert_clean_error(proc, "etl db upgrade", "has no schema")
+    assert proc.returncode == 2
+    assert sim.request_count() == 0
+    engine = make_engine(sqlite_url(db_file))
+    try:  # it did not quietly create the schema
+        assert scalar(engine, "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'") == 0
+    finally:
+        engine.dispose()
+
+
+# -- global options: position and precedence ---------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["before", "after-later-wins", "env-over-file", "file-only"])
+def test_global_options_position_and_precedence(tmp_path: Path, sim: Simulator, case: str) -> None:
+    """flag > $ETL_DATABASE_URL > the file's database_url; options before or after `sync`."""
+    urls = {name: sqlite_url(tmp_path / f"{name}.db") for name in ("env", "flag", "file")}
+    engines = {name: migrated(url) for name, url in urls.items()}
+    config = write_config(tmp_path / "x.toml", sim, database_url=urls["file"])
+    # ./etl.toml and $ETL_CONFIG are decoys: --config must win over both
+    (tmp_path / "etl.toml").write_text("decoy = true\n", encoding="utf-8")
+    env = etl_env(ETL_DATABASE_URL=urls["env"], ETL_CONFIG=str(tmp_path / "missing.toml"))
+    cfg, db = ("--config", str(config)), ("--database-url", urls["flag"])
+    expected = "flag"
+    if case == "before":
+        args: tuple[str, ...] = (*cfg, *db, "sync", "--once")
+    elif case == "after-later-wins":  # a flag after the subcommand beats one before it
+        nope = ("--database-url", sqlite_url(tmp_path / "nope.db"))
+        args = (*nope, "sync", "--once", *cfg, *db)
+    elif case == "env-over-file":
+        args, expected = ("sync", "--once", *cfg), "env"
+    else:
+        del env["ETL_DATABASE_URL"]
+        args, expected = (*cfg, "sync", "--once"), "file"
+    try:
+        proc = run_etl(*args, cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        counts = {
+            name: scalar(eng, "SELECT COUNT(*) FROM sync_runs") for name, eng in engines.items()
+        }
+        assert counts[expected] == len(sim.instance_ids), counts
+        assert sum(counts.values()) == counts[expected], f"rows in the wrong database: {counts}"
+        assert not (tmp_path / "chats.db").exists()
+        assert not (tmp_path / "nope.db").exists()
+    finally:
+        for eng in engines.values():
+            eng.dispose()
+
+
+def test_config_error_is_one_clean_line(tmp_path: Path, sim: Simulator) -> None:
+    bad = tmp_path / "bad.toml"
+    text = sim.config_toml().replace("[defaults]", "bogus_setting = 1\n\n[defaults]", 1)
+    text = text.replace("[[instances]]\n", "[[instances]]\ntokn = 'x'\n", 1)
+    bad.write_text(text, encoding="utf-8")
+    bad.chmod(0o600)
+    db_file = tmp_path / "db.db"
+    proc = run_etl(
+        "sync",
+        "--once",
+        "--config",
+        str(bad),
+        cwd=tmp_path,
+        env=etl_env(ETL_DATABASE_URL=sqlite_url(db_file)),
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert_clean_error(proc, "bogus_setting", "unknown key", str(sim.instance_ids[0]), "tokn")
+    assert proc.stdout == ""
+    assert sim.request_count() == 0
+    assert not db_file.exists()
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+DEMO_ARGS = ("--instances", "2", "--chats", "20", "--ticks", "2", "--interval", "1")
+
+
+def _assert_demo_output(stdout: str) -> None:
+    for label in ("instances:", "chats:", "ephemeral changes:", "sync runs:"):
+        assert f"\n{label}" in stdout, stdout
+    assert "instances:          2" in stdout
+    assert stdout.count("SELECT ") >= 2
+    assert "-- Chats with disappearing messages on, per instance" in stdout
+    assert "-- Latest ephemeral setting changes" in stdout
+
+
+def test_demo_uses_its_own_sqlite_file(tmp_path: Path) -> None:
+    other = tmp_path / "elsewhere" / "other.db"
+    other.parent.mkdir()
+    config = tmp_path / "elsewhere" / "etl.toml"
+    config.write_text(f'database_url = "{sqlite_url(other.with_name("cfg.db"))}"\n')
+    env = etl_env(ETL_DATABASE_URL=sqlite_url(other), ETL_CONFIG=str(config))
+    proc = run_etl("demo", *DEMO_ARGS, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    _assert_demo_output(proc.stdout)
+    assert (tmp_path / "chats-demo.db").exists()
+    assert sorted(p.name for p in other.parent.iterdir()) == ["etl.toml"]  # nothing else touched
+    engine = make_engine(sqlite_url(tmp_path / "chats-demo.db"))
+    try:
+        assert scalar(engine, "SELECT COUNT(*) FROM instances") == 2
+        assert scalar(engine, "SELECT COUNT(*) FROM sync_runs WHERE status = 'ok'") >= 2
+        assert scalar(engine, "SELECT COUNT(*) FROM chats") >= 40
+        check_history_invariants(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_demo_on_postgresql(tmp_path: Path, db_url: str) -> None:
+    proc = run_etl("demo", *DEMO_ARGS, "--database-url", db_url, cwd=tmp_path, env=etl_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_demo_output(proc.stdout)
+    assert not (tmp_path / "chats-demo.db").exists()
+    engine = make_engine(db_url)
+    try:
+        assert scalar(engine, "SELECT COUNT(*) FROM instances") == 2
+        assert scalar(engine, "SELECT COUNT(*) FROM sync_runs WHERE status = 'ok'") >= 2
+        check_history_invariants(engine)
+    finally:
+        engine.dispose()
