@@ -224,6 +224,8 @@ class Syncer:
         self._locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._health: dict[int, _Health] = {}
+        #: called with every finished outcome (metrics, status); errors are logged, not raised
+        self.listeners: list[Callable[[Instance, SyncOutcome], None]] = []
 
     def due(self, instance: Instance) -> bool:
         """False while the instance is backing off after failures (the daemon skips it)."""
@@ -294,9 +296,15 @@ class Syncer:
             )
             return SyncOutcome(instance.id_instance, "skipped", self.clock())
         try:
-            return self._sync(instance)
+            outcome = self._sync(instance)
         finally:
             lock.release()
+        for listener in self.listeners:
+            try:
+                listener(instance, outcome)
+            except Exception:
+                log.exception("sync listener failed")
+        return outcome
 
     def _sync(self, instance: Instance) -> SyncOutcome:
         outcome = SyncOutcome(instance.id_instance, "ok", self.clock())
