@@ -84,7 +84,21 @@ def lock_instance(conn: Connection, instance_id: int) -> None:
     holds the database write lock.
     """
     if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s, %s)", (4242, instance_id % 2**31))
+        key = (4242, instance_id % 2**31)
+        if not conn.exec_driver_sql("SELECT pg_try_advisory_xact_lock(%s, %s)", key).scalar():
+            log.info("instance %s: another process is syncing it; waiting", instance_id)
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s, %s)", key)
+
+
+def reserve_run_id(conn: Connection, instance_id: int) -> int | None:
+    """PostgreSQL: the next ``sync_runs.id``, so the run row can be written last with its
+    real end time in one statement. SQLite: None (the row is inserted first)."""
+    if conn.dialect.name == "postgresql":
+        value = conn.exec_driver_sql(
+            "SELECT nextval(pg_get_serial_sequence('sync_runs', 'id'))"
+        ).scalar_one()
+        return int(value)
+    return None
 
 
 def lock_registry(conn: Connection) -> None:

@@ -115,6 +115,7 @@ class ChatEphemeralHistory(Base):
             sqlite_where=text("valid_to IS NULL"),
         ),
         Index("ix_chat_ephemeral_history_chat", "instance_id", "chat_id", "valid_from"),
+        Index("ix_chat_ephemeral_history_sync_run_id", "sync_run_id"),  # retention
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -124,7 +125,11 @@ class ChatEphemeralHistory(Base):
     ephemeral_setting_at: Mapped[datetime | None]
     valid_from: Mapped[datetime]
     valid_to: Mapped[datetime | None]
-    sync_run_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("sync_runs.id"))
+    sync_run_id: Mapped[int | None] = mapped_column(
+        # deferred: on PostgreSQL the run row is written last, with its real end time
+        BigInteger,
+        ForeignKey("sync_runs.id", deferrable=True, initially="DEFERRED"),
+    )
 
 
 class SyncRun(Base):
@@ -175,6 +180,7 @@ class ChatEvent(Base):
     __table_args__ = (
         Index("ix_chat_events_occurred_at", "occurred_at"),
         Index("ix_chat_events_chat", "instance_id", "chat_id", "occurred_at"),
+        Index("ix_chat_events_sync_run_id", "sync_run_id"),  # retention
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -184,7 +190,11 @@ class ChatEvent(Base):
     old_value: Mapped[str | None] = mapped_column(Text)
     new_value: Mapped[str | None] = mapped_column(Text)
     occurred_at: Mapped[datetime]
-    sync_run_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("sync_runs.id"))
+    sync_run_id: Mapped[int | None] = mapped_column(
+        # deferred: on PostgreSQL the run row is written last, with its real end time
+        BigInteger,
+        ForeignKey("sync_runs.id", deferrable=True, initially="DEFERRED"),
+    )
 
 
 class InstanceSyncState(Base):
@@ -201,6 +211,8 @@ class InstanceSyncState(Base):
     updated_at: Mapped[datetime]
     lease_owner: Mapped[str | None] = mapped_column(Text)
     lease_until: Mapped[datetime | None]
+    #: bumped by every applied tick; lets a process trust its cached fingerprints
+    version: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
 
 
 class Replica(Base):

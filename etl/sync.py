@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from etl.client import GreenApiClient
 from etl.config import Instance
-from etl.db import insert_for, lock_instance, lock_registry
+from etl.db import insert_for, lock_instance, lock_registry, reserve_run_id
 from etl.errors import SyncError
 from etl.models import Chat as ChatModel
 from etl.models import ChatEphemeralHistory, ChatEvent, InstanceRow, InstanceSyncState, SyncRun
@@ -224,6 +224,7 @@ class Syncer:
         self._locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._health: dict[int, _Health] = {}
+        self._snapshots: dict[int, _Snapshot] = {}
         #: called with every finished outcome (metrics, status); errors are logged, not raised
         self.listeners: list[Callable[[Instance, SyncOutcome], None]] = []
 
@@ -328,8 +329,10 @@ class Syncer:
         try:
             with self.engine.begin() as conn:
                 lock_instance(conn, instance.id_instance)
-                self._apply(conn, instance, decoded, outcome, t0)
+                after_commit = self._apply(conn, instance, decoded, outcome, t0)
+            after_commit()
         except SQLAlchemyError as exc:
+            self.forget_snapshot(instance.id_instance)
             orig = getattr(exc, "orig", None) or exc
             outcome = SyncOutcome(
                 instance.id_instance,
@@ -400,6 +403,13 @@ class Syncer:
         )
 
     # -- the transaction -------------------------------------------------------------
+    #
+    # Speed: a steady fleet changes ~1% of chats per tick, so reading every stored chat
+    # back each tick is most of the database cost. Each process keeps, per instance, a
+    # fingerprint of every chat it last committed (``_Snapshot``). The state row's
+    # ``version`` (bumped by every applied tick, under the instance lock) tells whether
+    # anybody else wrote since; if so, the snapshot is rebuilt from the table. Only
+    # chats whose fingerprint differs are read back and diffed in full.
 
     def _apply(
         self,
@@ -408,49 +418,54 @@ class Syncer:
         decoded: DecodedChats,
         outcome: SyncOutcome,
         t0: float,
-    ) -> None:
+    ) -> Callable[[], None]:
+        """Write one tick; returns what to do once the transaction has committed."""
         iid = instance.id_instance
         now = self.clock()
         outcome.chats_received = decoded.received
         outcome.chats_rejected = len(decoded.rejected)
-        incoming = {c.chat_id: c for c in decoded.chats}
 
-        stored = {
-            r.chat_id: r
-            for r in conn.execute(
-                select(
-                    chats_t.c.chat_id,
-                    chats_t.c.chat_type,
-                    chats_t.c.name,
-                    chats_t.c.archived,
-                    chats_t.c.ephemeral_expiration,
-                    chats_t.c.ephemeral_setting_at,
-                    chats_t.c.removed_at,
-                ).where(chats_t.c.instance_id == iid)
-            )
-        }
-        present = {cid for cid, r in stored.items() if r.removed_at is None}
+        run_id = reserve_run_id(conn, iid)
+        version, pending_digest, pending_streak = self._bump_state(conn, iid, now)
+        snap = self._snapshots.get(iid)
+        if snap is None or snap.version != version - 1:
+            snap = self._load_snapshot(conn, iid)
+        present = snap.fingerprints.keys() - snap.removed
+        incoming = {c.chat_id for c in decoded.chats}
 
         # A list is complete unless `count` limited it or an element we could not
         # identify was rejected (that chat may be one of the "missing" ones).
         complete = instance.count is None and all(r.chat_id for r in decoded.rejected)
         protected = {r.chat_id for r in decoded.rejected if r.chat_id}
-        vanished = (present - incoming.keys() - protected) if complete else set()
+        vanished = (present - incoming - protected) if complete else set()
 
-        anomaly = self._check_anomaly(conn, instance, decoded, present, vanished, now)
+        anomaly = self._check_anomaly(
+            conn, instance, decoded, (pending_digest, pending_streak), present, vanished, now
+        )
         if anomaly is not None:
             outcome.status = "anomaly"
             outcome.error_kind, outcome.error = anomaly
-            self._finish(outcome, t0)
             self._note_result(instance, outcome)
-            outcome.sync_run_id = self._insert_run(conn, outcome)
-            return
+            self._write_run(conn, outcome, run_id, t0)
+            return lambda: self._keep_snapshot(iid, snap, version)
+
+        fingerprints = snap.fingerprints
+        candidates = [
+            c
+            for c in decoded.chats
+            if not c.ephemeral_known
+            or c.chat_id in snap.removed
+            or fingerprints.get(c.chat_id) != _chat_fingerprint(c)
+        ]
+        stored = self._load_rows(
+            conn, iid, [c.chat_id for c in candidates if c.chat_id in fingerprints]
+        )
 
         upserts: list[dict[str, Any]] = []
-        changed_ephemeral: list[tuple[ChatRecord, int]] = []
+        changed_ephemeral: list[tuple[ChatRecord, int, datetime | None]] = []
         new_chats: list[ChatRecord] = []
         events: list[tuple[str, str, str | None, str | None]] = []
-        for chat in decoded.chats:
+        for chat in candidates:
             row = stored.get(chat.chat_id)
             if row is None:
                 upserts.append(self._chat_values(iid, chat, now, None))
@@ -481,15 +496,130 @@ class Syncer:
                         (chat.chat_id, kind, str(row.archived).lower(), str(chat.archived).lower())
                     )
             if eph_changed:
-                changed_ephemeral.append((chat, row.ephemeral_expiration))
+                changed_ephemeral.append((chat, row.ephemeral_expiration, row.open_from))
 
         outcome.chats_removed = len(vanished)
         outcome.ephemeral_changes = len(changed_ephemeral)
-        self._finish(outcome, t0)
         self._note_result(instance, outcome)
-        run_id = self._insert_run(conn, outcome)
-        outcome.sync_run_id = run_id
+        if run_id is None:  # SQLite: the run row must exist before rows point at it
+            run_id = self._write_run(conn, outcome, None, t0)
+        self._write_chats(conn, iid, upserts, vanished, now)
+        if vanished:
+            events.extend((cid, "removed", None, None) for cid in sorted(vanished))
+        starts = self._write_history(conn, iid, run_id, now, new_chats, changed_ephemeral)
+        self._write_events(conn, iid, run_id, now, events, changed_ephemeral, starts)
+        if outcome.sync_run_id is None:
+            self._write_run(conn, outcome, run_id, t0)
+        else:  # the row went in first (SQLite); record the real end time
+            self._finish(outcome, t0)
+            conn.execute(
+                update(runs_t)
+                .where(runs_t.c.id == run_id)
+                .values(finished_at=outcome.finished_at, duration_ms=outcome.duration_ms)
+            )
 
+        def commit_snapshot() -> None:
+            for values in upserts:
+                fingerprints[values["chat_id"]] = _row_fingerprint(values)
+                snap.removed.discard(values["chat_id"])
+            snap.removed.update(vanished)
+            self._keep_snapshot(iid, snap, version)
+
+        return commit_snapshot
+
+    def _keep_snapshot(self, iid: int, snap: _Snapshot, version: int) -> None:
+        snap.version = version
+        self._snapshots[iid] = snap
+
+    def forget_snapshot(self, instance_id: int) -> None:
+        self._snapshots.pop(instance_id, None)
+
+    @staticmethod
+    def _bump_state(conn: Connection, iid: int, now: datetime) -> tuple[int, str | None, int]:
+        """Bump the instance's state version (creating the row); return it with the streak."""
+        stmt = insert_for(conn, state_t).values(
+            instance_id=iid, pending_removal_streak=0, updated_at=now, version=1
+        )
+        upsert = stmt.on_conflict_do_update(
+            index_elements=[state_t.c.instance_id],
+            set_={"version": state_t.c.version + 1},
+        ).returning(
+            state_t.c.version, state_t.c.pending_removal_digest, state_t.c.pending_removal_streak
+        )
+        row = conn.execute(upsert).one()
+        return int(row.version), row.pending_removal_digest, int(row.pending_removal_streak)
+
+    @staticmethod
+    def _load_snapshot(conn: Connection, iid: int) -> _Snapshot:
+        snap = _Snapshot(version=0, fingerprints={}, removed=set())
+        q = select(
+            chats_t.c.chat_id,
+            chats_t.c.chat_type,
+            chats_t.c.name,
+            chats_t.c.archived,
+            chats_t.c.ephemeral_expiration,
+            chats_t.c.ephemeral_setting_at,
+            chats_t.c.removed_at,
+        ).where(chats_t.c.instance_id == iid)
+        for r in conn.execute(q):
+            snap.fingerprints[r.chat_id] = _fingerprint(
+                r.chat_type, r.name, r.archived, r.ephemeral_expiration, r.ephemeral_setting_at
+            )
+            if r.removed_at is not None:
+                snap.removed.add(r.chat_id)
+        return snap
+
+    @staticmethod
+    def _load_rows(conn: Connection, iid: int, chat_ids: list[str]) -> dict[str, Any]:
+        """Stored rows (with the open history row's start) of the chats that may have changed."""
+        out: dict[str, Any] = {}
+        for i in range(0, len(chat_ids), 5000):
+            q = (
+                select(
+                    chats_t.c.chat_id,
+                    chats_t.c.chat_type,
+                    chats_t.c.name,
+                    chats_t.c.archived,
+                    chats_t.c.ephemeral_expiration,
+                    chats_t.c.ephemeral_setting_at,
+                    chats_t.c.removed_at,
+                    history_t.c.valid_from.label("open_from"),
+                )
+                .select_from(
+                    chats_t.outerjoin(
+                        history_t,
+                        and_(
+                            history_t.c.instance_id == chats_t.c.instance_id,
+                            history_t.c.chat_id == chats_t.c.chat_id,
+                            history_t.c.valid_to.is_(None),
+                        ),
+                    )
+                )
+                .where(chats_t.c.instance_id == iid, chats_t.c.chat_id.in_(chat_ids[i : i + 5000]))
+            )
+            out.update({r.chat_id: r for r in conn.execute(q)})
+        return out
+
+    def _write_run(
+        self, conn: Connection, outcome: SyncOutcome, run_id: int | None, t0: float
+    ) -> int:
+        self._finish(outcome, t0)
+        values = outcome.row()
+        if run_id is not None:
+            values["id"] = run_id
+        outcome.sync_run_id = int(
+            conn.execute(insert(runs_t).values(**values).returning(runs_t.c.id)).scalar_one()
+        )
+        return outcome.sync_run_id
+
+    @staticmethod
+    def _write_chats(
+        conn: Connection,
+        iid: int,
+        upserts: list[dict[str, Any]],
+        vanished: set[str],
+        now: datetime,
+    ) -> None:
         if upserts:
             stmt = insert_for(conn, chats_t)
             stmt = stmt.on_conflict_do_update(
@@ -508,17 +638,25 @@ class Syncer:
                 },
             )
             conn.execute(stmt, upserts)
-        if vanished:
+        ids = sorted(vanished)
+        for i in range(0, len(ids), 5000):
             conn.execute(
                 update(chats_t)
-                .where(chats_t.c.instance_id == iid, chats_t.c.chat_id.in_(sorted(vanished)))
+                .where(chats_t.c.instance_id == iid, chats_t.c.chat_id.in_(ids[i : i + 5000]))
                 .values(removed_at=now, updated_at=now)
             )
-            events.extend((cid, "removed", None, None) for cid in sorted(vanished))
-        starts = self._write_history(
-            conn, iid, run_id, now, new_chats, [c for c, _ in changed_ephemeral]
-        )
-        event_rows = [
+
+    @staticmethod
+    def _write_events(
+        conn: Connection,
+        iid: int,
+        run_id: int,
+        now: datetime,
+        events: list[tuple[str, str, str | None, str | None]],
+        changed_ephemeral: list[tuple[ChatRecord, int, datetime | None]],
+        starts: dict[str, datetime],
+    ) -> None:
+        rows = [
             {
                 "instance_id": iid,
                 "chat_id": cid,
@@ -530,7 +668,7 @@ class Syncer:
             }
             for cid, kind, old, new in events
         ]
-        event_rows.extend(
+        rows.extend(
             {
                 "instance_id": iid,
                 "chat_id": chat.chat_id,
@@ -540,49 +678,36 @@ class Syncer:
                 "occurred_at": starts[chat.chat_id],
                 "sync_run_id": run_id,
             }
-            for chat, old_expiration in changed_ephemeral
+            for chat, old_expiration, _ in changed_ephemeral
         )
-        if event_rows:
-            conn.execute(insert(events_t), event_rows)
-        # the run row went in first (history and events point at it); now that every
-        # write is done, record the real end time
-        self._finish(outcome, t0)
-        conn.execute(
-            update(runs_t)
-            .where(runs_t.c.id == run_id)
-            .values(finished_at=outcome.finished_at, duration_ms=outcome.duration_ms)
-        )
+        if rows:
+            conn.execute(insert(events_t), rows)
 
     def _check_anomaly(
         self,
         conn: Connection,
         instance: Instance,
         decoded: DecodedChats,
+        pending: tuple[str | None, int],
         present: set[str],
         vanished: set[str],
         now: datetime,
     ) -> tuple[str, str] | None:
         """(error_kind, text) when this tick must not be applied; keeps the confirmation streak."""
         iid = instance.id_instance
-        state = conn.execute(
-            select(state_t.c.pending_removal_digest, state_t.c.pending_removal_streak).where(
-                state_t.c.instance_id == iid
-            )
-        ).first()
+        pending_digest, pending_streak = pending
         if decoded.received == 0:
             # an answered fetch that breaks a run of identical shrunken lists
-            if state is not None and state.pending_removal_digest is not None:
+            if pending_digest is not None:
                 self._save_state(conn, iid, None, 0, now)
             return "empty_response", "getChats returned an empty list; nothing applied"
         mass = bool(present) and len(vanished) / len(present) > instance.mass_removal_threshold
         if not mass:
-            if state is not None and state.pending_removal_digest is not None:
+            if pending_digest is not None:
                 self._save_state(conn, iid, None, 0, now)
             return None
         digest = ids_digest(c.chat_id for c in decoded.chats)
-        streak = 1
-        if state is not None and state.pending_removal_digest == digest:
-            streak = state.pending_removal_streak + 1
+        streak = pending_streak + 1 if pending_digest == digest else 1
         if streak >= instance.mass_removal_confirmations:
             self._save_state(conn, iid, None, 0, now)
             log.warning(
@@ -605,27 +730,10 @@ class Syncer:
     def _save_state(
         conn: Connection, iid: int, digest: str | None, streak: int, now: datetime
     ) -> None:
-        stmt = insert_for(conn, state_t).values(
-            instance_id=iid,
-            pending_removal_digest=digest,
-            pending_removal_streak=streak,
-            updated_at=now,
-        )
         conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[state_t.c.instance_id],
-                set_={
-                    "pending_removal_digest": digest,
-                    "pending_removal_streak": streak,
-                    "updated_at": now,
-                },
-            )
-        )
-
-    @staticmethod
-    def _insert_run(conn: Connection, outcome: SyncOutcome) -> int:
-        return int(
-            conn.execute(insert(runs_t).values(**outcome.row()).returning(runs_t.c.id)).scalar_one()
+            update(state_t)
+            .where(state_t.c.instance_id == iid)
+            .values(pending_removal_digest=digest, pending_removal_streak=streak, updated_at=now)
         )
 
     @staticmethod
@@ -656,7 +764,7 @@ class Syncer:
         run_id: int,
         now: datetime,
         new: list[ChatRecord],
-        changed: list[ChatRecord],
+        changed: list[tuple[ChatRecord, int, datetime | None]],
     ) -> dict[str, datetime]:
         """Open first rows for new chats, close/open rows for changed ones.
 
@@ -665,18 +773,8 @@ class Syncer:
         rows: list[dict[str, Any]] = []
         starts: dict[str, datetime] = {}
         closes: list[dict[str, Any]] = []
-        open_from: dict[str, datetime] = {}
-        if changed:
-            ids = [c.chat_id for c in changed]
-            for i in range(0, len(ids), 5000):
-                q = select(history_t.c.chat_id, history_t.c.valid_from).where(
-                    history_t.c.instance_id == iid,
-                    history_t.c.valid_to.is_(None),
-                    history_t.c.chat_id.in_(ids[i : i + 5000]),
-                )
-                open_from.update({r.chat_id: r.valid_from for r in conn.execute(q)})
-        for chat, is_new in [(c, True) for c in new] + [(c, False) for c in changed]:
-            previous = None if is_new else open_from.get(chat.chat_id)
+        work = [(c, None) for c in new] + [(c, open_from) for c, _, open_from in changed]
+        for chat, previous in work:
             valid_from = choose_valid_from(chat.ephemeral_setting_at, previous, now)
             starts[chat.chat_id] = valid_from
             if previous is not None:
@@ -708,3 +806,38 @@ class Syncer:
         if rows:
             conn.execute(insert(history_t), rows)
         return starts
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    """What this process last committed for one instance: one fingerprint per chat."""
+
+    version: int
+    fingerprints: dict[str, int]
+    removed: set[str]
+
+
+def _fingerprint(
+    chat_type: str, name: str, archived: bool, expiration: int, setting_at: datetime | None
+) -> int:
+    return hash((chat_type, name, bool(archived), expiration, setting_at))
+
+
+def _chat_fingerprint(chat: ChatRecord) -> int:
+    return _fingerprint(
+        chat.chat_type,
+        chat.name,
+        chat.archived,
+        chat.ephemeral_expiration or 0,
+        chat.ephemeral_setting_at,
+    )
+
+
+def _row_fingerprint(values: dict[str, Any]) -> int:
+    return _fingerprint(
+        values["chat_type"],
+        values["name"],
+        values["archived"],
+        values["ephemeral_expiration"],
+        values["ephemeral_setting_at"],
+    )

@@ -25,6 +25,7 @@ from sqlalchemy import Engine, inspect, text
 
 from etl.client import GreenApiClient
 from etl.db import make_engine, upgrade
+from etl.models import Base
 from etl.simulator import Fault, Simulator
 from etl.sync import Syncer, register_instances
 from tests.conftest import make_instance
@@ -1124,14 +1125,7 @@ def _documented_columns() -> dict[str, dict[str, DocColumn]]:
 
 
 PG_TYPES = {"timestamptz": "timestamp with time zone"}
-TABLES = {
-    "instances",
-    "chats",
-    "chat_ephemeral_history",
-    "chat_events",
-    "sync_runs",
-    "instance_sync_state",
-}
+TABLES = set(Base.metadata.tables)  # every model table must be documented
 VIEWS = {"chats_current", "ephemeral_changes", "instance_sync_health"}
 
 
