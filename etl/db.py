@@ -43,10 +43,23 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+#: execution option for read-only work (status page): on SQLite a deferred BEGIN, which
+#: under WAL never blocks the writers, instead of BEGIN IMMEDIATE
+READ_ONLY = "etl_read_only"
+
+
 def _sqlite_begin(conn: Connection) -> None:
     # Take the write lock at BEGIN: two writers then queue on busy_timeout instead of
     # failing with "database is locked" when a read transaction tries to upgrade.
+    if conn.get_execution_options().get(READ_ONLY):
+        conn.exec_driver_sql("BEGIN")
+        return
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def read_only(engine: Engine) -> Connection:
+    """A connection for reads that must not hold up syncs (SQLite: no write lock)."""
+    return engine.connect().execution_options(**{READ_ONLY: True})
 
 
 def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
@@ -77,28 +90,26 @@ def insert_for(conn: Connection, table: Table) -> postgresql.Insert | sqlite.Ins
     raise NotImplementedError(f"unsupported database: {conn.dialect.name}")
 
 
-def lock_instance(conn: Connection, instance_id: int) -> None:
+def lock_instance(conn: Connection, instance_id: int) -> int | None:
     """Serialise writers of one instance across processes, until the transaction ends.
 
-    PostgreSQL: a transaction-level advisory lock. SQLite: BEGIN IMMEDIATE already
-    holds the database write lock.
+    PostgreSQL: a transaction-level advisory lock (a wait is logged), taken in the same
+    round trip that reserves the next ``sync_runs.id`` (returned, so the run row can be
+    written last with its real end time). SQLite: BEGIN IMMEDIATE already holds the
+    database write lock; returns None (the run row is inserted first).
     """
-    if conn.dialect.name == "postgresql":
-        key = (4242, instance_id % 2**31)
-        if not conn.exec_driver_sql("SELECT pg_try_advisory_xact_lock(%s, %s)", key).scalar():
-            log.info("instance %s: another process is syncing it; waiting", instance_id)
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s, %s)", key)
-
-
-def reserve_run_id(conn: Connection, instance_id: int) -> int | None:
-    """PostgreSQL: the next ``sync_runs.id``, so the run row can be written last with its
-    real end time in one statement. SQLite: None (the row is inserted first)."""
-    if conn.dialect.name == "postgresql":
-        value = conn.exec_driver_sql(
-            "SELECT nextval(pg_get_serial_sequence('sync_runs', 'id'))"
-        ).scalar_one()
-        return int(value)
-    return None
+    if conn.dialect.name != "postgresql":
+        return None
+    key = (4242, instance_id % 2**31)
+    got, run_id = conn.exec_driver_sql(
+        "SELECT pg_try_advisory_xact_lock(%s, %s), "
+        "nextval(pg_get_serial_sequence('sync_runs', 'id'))",
+        key,
+    ).one()
+    if not got:
+        log.info("instance %s: another process is syncing it; waiting", instance_id)
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s, %s)", key)
+    return int(run_id)
 
 
 def lock_registry(conn: Connection) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from etl.client import GreenApiClient
 from etl.config import Instance
-from etl.db import insert_for, lock_instance, lock_registry, reserve_run_id
+from etl.db import insert_for, lock_instance, lock_registry
 from etl.errors import SyncError
 from etl.models import Chat as ChatModel
 from etl.models import ChatEphemeralHistory, ChatEvent, InstanceRow, InstanceSyncState, SyncRun
@@ -328,8 +328,8 @@ class Syncer:
 
         try:
             with self.engine.begin() as conn:
-                lock_instance(conn, instance.id_instance)
-                after_commit = self._apply(conn, instance, decoded, outcome, t0)
+                run_id = lock_instance(conn, instance.id_instance)
+                after_commit = self._apply(conn, instance, decoded, outcome, t0, run_id)
             after_commit()
         except SQLAlchemyError as exc:
             self.forget_snapshot(instance.id_instance)
@@ -418,6 +418,7 @@ class Syncer:
         decoded: DecodedChats,
         outcome: SyncOutcome,
         t0: float,
+        run_id: int | None,
     ) -> Callable[[], None]:
         """Write one tick; returns what to do once the transaction has committed."""
         iid = instance.id_instance
@@ -425,7 +426,6 @@ class Syncer:
         outcome.chats_received = decoded.received
         outcome.chats_rejected = len(decoded.rejected)
 
-        run_id = reserve_run_id(conn, iid)
         version, pending_digest, pending_streak = self._bump_state(conn, iid, now)
         snap = self._snapshots.get(iid)
         if snap is None or snap.version != version - 1:
