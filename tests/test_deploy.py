@@ -605,3 +605,33 @@ def test_compose_services_commands_end_to_end(
                 proc.kill()
                 proc.wait(timeout=10)
         sim_log.close()
+
+
+def test_grafana_service_mounts_the_provisioning_and_reaches_postgres(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    grafana = services["grafana"]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in grafana["volumes"] if m.startswith("./")}
+    assert mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+    assert mounts["/var/lib/grafana/dashboards"] == "./deploy/grafana/dashboards"
+    for host_path in mounts.values():
+        assert (ROOT / host_path).is_dir(), host_path
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (ROOT / "deploy/grafana/dashboards" / Path(home).name).is_file()
+    assert grafana["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+
+    ds = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/postgres.yml").read_text("utf-8")
+    )["datasources"][0]
+    pg_env = services["postgres"]["environment"]
+    assert ds["url"] == "postgres:5432"
+    assert ds["user"] == pg_env["POSTGRES_USER"]
+    assert ds["secureJsonData"]["password"] == pg_env["POSTGRES_PASSWORD"]
+    assert ds["jsonData"]["database"] == pg_env["POSTGRES_DB"]
+    board = json.loads((ROOT / "deploy/grafana/dashboards/chatsync.json").read_text("utf-8"))
+    uids = {
+        (t.get("datasource") or p.get("datasource") or {}).get("uid")
+        for p in board["panels"]
+        for t in p.get("targets", [])
+    }
+    assert uids == {ds["uid"]}
