@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -14,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 from sqlalchemy import Engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from etl import __version__
 from etl.client import GreenApiClient
@@ -29,9 +30,14 @@ from etl.db import (
 )
 from etl.errors import EtlError
 from etl.logs import setup_logging
+from etl.metrics import Metrics
+from etl.progress import ProgressLine
 from etl.redact import redact, redact_url
+from etl.retention import prune_sync_runs
 from etl.scheduler import Daemon
-from etl.sync import Syncer, SyncOutcome, register_instances
+from etl.status import ago, format_ms, instance_status, state, status_document, summary
+from etl.sync import Syncer, SyncOutcome, register_instances, utcnow
+from etl.web import Liveness, StatusServer
 
 log = logging.getLogger("etl.cli")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -199,6 +205,38 @@ def db_current() -> None:
     click.echo(f"{redact_url(cfg.database_url)}: current={current} head={head} ({state})")
 
 
+@db.command("prune")
+@global_options
+@click.option(
+    "--days",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Delete sync_runs older than this many days (default: retention.sync_runs_days).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Rows per transaction (default: retention.batch_size).",
+)
+def db_prune(days: int | None, batch_size: int | None) -> None:
+    """Delete old sync_runs rows now, in short batches (the daemon does it every hour)."""
+    _setup_logging()
+    cfg = _load(instances=False)
+    days = days or cfg.retention.sync_runs_days
+    if not days:
+        raise EtlError("retention is off (retention.sync_runs_days = 0): pass --days N")
+    engine = _engine(cfg)
+    try:
+        require_current_schema(engine)
+        n = prune_sync_runs(
+            engine, older_than_days=days, batch_size=batch_size or cfg.retention.batch_size
+        )
+    finally:
+        engine.dispose()
+    click.echo(f"pruned {n} sync_runs rows older than {days} days")
+
+
 # -- sync ------------------------------------------------------------------------------
 
 
@@ -216,6 +254,25 @@ def _prepare(cfg: AppConfig, only: Sequence[int] = ()) -> tuple[Engine, list[Ins
     require_current_schema(engine)
     register_instances(engine, cfg.instances)
     return engine, instances
+
+
+def _start_http(
+    cfg: AppConfig, engine: Engine, port: int, metrics: Metrics, liveness: Liveness
+) -> StatusServer | None:
+    """The status page and metrics endpoint. A port that cannot be bound (taken, say by
+    another replica on the same host) is logged, and the work goes on without it."""
+    server = StatusServer(engine, metrics=metrics, liveness=liveness, host=cfg.http.host, port=port)
+    try:
+        server.start()
+    except OSError as exc:
+        log.error(
+            "http: cannot listen on %s:%s (%s); running without the status page and metrics",
+            cfg.http.host,
+            port,
+            exc.strerror or exc,
+        )
+        return None
+    return server  # it logs its URL
 
 
 def _print_outcomes(outcomes: Sequence[SyncOutcome]) -> None:
@@ -239,7 +296,24 @@ def _print_outcomes(outcomes: Sequence[SyncOutcome]) -> None:
 @click.option(
     "--workers", type=click.IntRange(min=1), default=None, help="Parallel syncs (default: config)."
 )
-def sync_cmd(once: bool, only: tuple[int, ...], workers: int | None) -> None:
+@click.option(
+    "--http-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve the status page and /metrics on this port during the pass (default: off).",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="A live 'synced X/N' line on stderr (default: when stderr is a terminal).",
+)
+def sync_cmd(
+    once: bool,
+    only: tuple[int, ...],
+    workers: int | None,
+    http_port: int | None,
+    progress: bool | None,
+) -> None:
     """Sync every configured instance once.
 
     Exit status: 0 when every instance ended ok or anomaly, 1 when any failed.
@@ -251,10 +325,20 @@ def sync_cmd(once: bool, only: tuple[int, ...], workers: int | None) -> None:
     engine, instances = _prepare(cfg, only)
     client = GreenApiClient(pool_maxsize=workers or cfg.scheduler.max_workers)
     syncer = Syncer(engine, client)
+    line = ProgressLine(len(instances), sys.stderr, enabled=progress)
+    syncer.listeners.append(line.listener)
+    web: StatusServer | None = None
     try:
-        with ThreadPoolExecutor(max_workers=workers or cfg.scheduler.max_workers) as pool:
+        if http_port is not None:
+            metrics = Metrics(per_instance=cfg.http.per_instance_metrics)
+            metrics.attach(syncer)
+            metrics.set_instances(len(instances))
+            web = _start_http(cfg, engine, http_port, metrics, lambda: (True, "sync --once"))
+        with line, ThreadPoolExecutor(max_workers=workers or cfg.scheduler.max_workers) as pool:
             outcomes = list(pool.map(syncer.sync, instances))
     finally:
+        if web is not None:
+            web.stop()
         client.close()
         engine.dispose()
     _print_outcomes(outcomes)
@@ -269,19 +353,38 @@ def sync_cmd(once: bool, only: tuple[int, ...], workers: int | None) -> None:
     default=None,
     help="Thread pool size (default: config).",
 )
-def run_cmd(workers: int | None) -> None:
+@click.option(
+    "--http-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port of the status page and /metrics (default: [http] port, 8000; 0: any free).",
+)
+@click.option("--no-http", is_flag=True, help="Do not serve the status page and /metrics.")
+def run_cmd(workers: int | None, http_port: int | None, no_http: bool) -> None:
     """Run the daemon: every enabled instance every interval until SIGTERM/SIGINT."""
     _setup_logging()
     cfg = _load()
     engine, instances = _prepare(cfg)
     max_workers = workers or cfg.scheduler.max_workers
     client = GreenApiClient(pool_maxsize=max_workers)
+    http = not no_http and (cfg.http.enabled or http_port is not None)
+    metrics = Metrics(per_instance=cfg.http.per_instance_metrics) if http else None
     daemon = Daemon(
         syncer=Syncer(engine, client),
         instances=instances,
         max_workers=max_workers,
         shutdown_timeout=cfg.scheduler.shutdown_timeout_seconds,
+        metrics=metrics,
+        retention=cfg.retention,
     )
+    web: StatusServer | None = None
+    if metrics is not None:
+        try:
+            metrics.seed(instance_status(engine, chats={}))  # no need to count chats
+        except SQLAlchemyError as exc:
+            log.warning("could not read the last syncs for metrics: %s", type(exc).__name__)
+        port = http_port if http_port is not None else cfg.http.port
+        web = _start_http(cfg, engine, port, metrics, daemon.liveness)
     log.info(
         "chatsync %s: %d instances into %s",
         __version__,
@@ -291,6 +394,8 @@ def run_cmd(workers: int | None) -> None:
     try:
         clean = daemon.run_forever()
     finally:
+        if web is not None:
+            web.stop()
         client.close()
         engine.dispose()
     if not clean:
@@ -301,6 +406,51 @@ def run_cmd(workers: int | None) -> None:
         sys.stdout.flush()
         os._exit(1)
     sys.exit(0)
+
+
+# -- status ----------------------------------------------------------------------------
+
+
+def _plain(value: str, width: int) -> str:
+    """One line of at most ``width`` printable characters (labels and errors are data)."""
+    text_ = "".join(ch if ch.isprintable() else " " for ch in value)
+    return text_ if len(text_) <= width else text_[: width - 1] + "…"
+
+
+@cli.command("status")
+@global_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (for scripts).")
+def status_cmd(as_json: bool) -> None:
+    """Show each instance's latest sync, chats and failures, read from the database."""
+    _setup_logging()
+    cfg = _load(instances=False)
+    engine = _engine(cfg)
+    try:
+        require_current_schema(engine)
+        if as_json:
+            click.echo(json.dumps(status_document(engine), indent=1))
+            return
+        statuses = instance_status(engine)
+    finally:
+        engine.dispose()
+    now = utcnow()
+    click.echo(
+        f"{'instance':>12}  {'label':24} {'status':8} {'last sync':12} {'last success':12} "
+        f"{'chats':>7} {'fails':>5} {'duration':>9}  last error"
+    )
+    for s in statuses:
+        error = " ".join(p for p in (s.last_error_kind, s.last_error) if p)
+        click.echo(
+            f"{s.instance_id:>12}  {_plain(s.label, 24):24} {state(s):8} "
+            f"{ago(s.last_run_at, now):12} {ago(s.last_success_at, now):12} "
+            f"{s.chats:>7} {s.consecutive_failures:>5} {format_ms(s.last_duration_ms):>9}  "
+            f"{_plain(redact(error), 60) if error else '-'}"
+        )
+    n = summary(statuses)
+    click.echo(
+        f"{n['instances']} instances: {n['ok']} ok, {n['anomaly']} anomaly, "
+        f"{n['failed']} failed, {n['never']} not synced yet, {n['disabled']} disabled"
+    )
 
 
 # -- simulator and demo ----------------------------------------------------------------

@@ -115,12 +115,32 @@ class SchedulerSettings(_Strict):
     shutdown_timeout_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
 
 
+class HttpSettings(_Strict):
+    """The status/metrics HTTP endpoint (on in `etl run`, off in `etl sync --once`)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65_535)] = 8000
+    #: one `id_instance` label per instance on the per-instance gauges; off for huge fleets
+    per_instance_metrics: bool = True
+
+
+class RetentionSettings(_Strict):
+    """How long ``sync_runs`` rows are kept; the daemon prunes older ones in batches."""
+
+    sync_runs_days: Annotated[int, Field(ge=0, le=36_500)] = 30  # 0 = keep forever
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 5000
+    interval_seconds: Annotated[int, Field(ge=1, le=604_800)] = 3600
+
+
 class FileConfig(_Strict):
     """The TOML file, as written by the user."""
 
     database_url: str | None = None
     defaults: Defaults = Defaults()
     scheduler: SchedulerSettings = SchedulerSettings()
+    http: HttpSettings = HttpSettings()
+    retention: RetentionSettings = RetentionSettings()
     instances: list[InstanceConfig] = []
 
     @field_validator("instances")
@@ -160,6 +180,8 @@ class AppConfig:
     instances: tuple[Instance, ...]
     scheduler: SchedulerSettings
     source: Path | None
+    http: HttpSettings = HttpSettings()
+    retention: RetentionSettings = RetentionSettings()
 
 
 def _error_location(err: Any, raw: dict[str, Any]) -> str:
@@ -323,4 +345,6 @@ def load_config(
         instances=instances,
         scheduler=file_config.scheduler,
         source=path if path.exists() else None,
+        http=file_config.http,
+        retention=file_config.retention,
     )

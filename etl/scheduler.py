@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from types import FrameType
@@ -15,8 +16,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy.exc import SQLAlchemyError
 
-from etl.config import Instance
+from etl.config import Instance, RetentionSettings
 from etl.leases import LeaseManager
+from etl.metrics import Metrics
+from etl.retention import prune_sync_runs
 from etl.sync import Syncer, SyncOutcome, utcnow
 
 log = logging.getLogger(__name__)
@@ -45,19 +48,34 @@ class Daemon:
         max_workers: int = 8,
         shutdown_timeout: float = 30.0,
         leases: LeaseManager | None = None,
+        metrics: Metrics | None = None,
+        retention: RetentionSettings | None = None,
+        liveness_seconds: float = 5.0,
     ) -> None:
         self.syncer = syncer
         self.instances = [i for i in instances if i.enabled]
         self.leases = leases if leases is not None else LeaseManager(syncer.engine, self.instances)
         self.shutdown_timeout = shutdown_timeout
         self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=max_workers)},
+            executors={
+                "default": ThreadPoolExecutor(max_workers=max_workers),
+                # the liveness beat has a thread of its own: busy sync workers are not a hang
+                "liveness": ThreadPoolExecutor(max_workers=1),
+            },
             timezone="UTC",
         )
         self._stop = threading.Event()
         self._signals = 0
         self.ticks = 0
         self._ticks_lock = threading.Lock()
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.attach(syncer)
+            metrics.set_instances(len(self.instances))
+        self.retention = retention
+        self.liveness_seconds = liveness_seconds
+        #: time.monotonic() of the last liveness beat (a cheap scheduler job)
+        self.beat_at: float | None = None
 
     def _job(self, instance: Instance) -> SyncOutcome | None:
         if not self.syncer.due(instance):
@@ -114,8 +132,59 @@ class Daemon:
                 max_instances=1,
                 coalesce=True,
             )
+        self.scheduler.add_job(
+            self._beat,
+            IntervalTrigger(seconds=self.liveness_seconds, timezone="UTC"),
+            id="liveness",
+            executor="liveness",
+            max_instances=1,
+            coalesce=True,
+        )
+        if self.retention is not None and self.retention.sync_runs_days > 0:
+            every = self.retention.interval_seconds
+            self.scheduler.add_job(
+                self._prune,
+                IntervalTrigger(
+                    seconds=every,
+                    start_date=now + timedelta(seconds=min(every, 60)),
+                    timezone="UTC",
+                ),
+                id="retention",
+                max_instances=1,
+                coalesce=True,
+            )
         self.scheduler.start()
+        self._beat()
         log.info("scheduler started: %d instances", len(self.instances))
+
+    def _beat(self) -> None:
+        self.beat_at = time.monotonic()
+
+    def liveness(self) -> tuple[bool, str]:
+        """(alive, reason) for ``/healthz``: the scheduler runs and its jobs fire."""
+        if self._stop.is_set():
+            return False, "stopping"
+        if not self.scheduler.running or self.beat_at is None:
+            return False, "scheduler not running"
+        age = time.monotonic() - self.beat_at
+        if age > 3 * self.liveness_seconds + 5:
+            return False, f"scheduler stalled: last heartbeat {age:.0f}s ago"
+        return True, f"alive: {self.ticks} syncs so far, heartbeat {age:.1f}s ago"
+
+    def _prune(self) -> None:
+        assert self.retention is not None
+        try:
+            prune_sync_runs(
+                self.syncer.engine,
+                older_than_days=self.retention.sync_runs_days,
+                batch_size=self.retention.batch_size,
+                should_stop=self._stop.is_set,
+                pause_seconds=0.05,
+            )
+        except SQLAlchemyError as exc:
+            log.warning("retention: pruning sync_runs failed: %s", type(exc).__name__)
+        except Exception:  # never let it kill the job
+            log.exception("retention: unexpected error")
 
     def _heartbeat(self) -> None:
         try:
