@@ -635,3 +635,17 @@ def test_grafana_service_mounts_the_provisioning_and_reaches_postgres(
         for t in p.get("targets", [])
     }
     assert uids == {ds["uid"]}
+
+
+@pytest.mark.parametrize("config_name", ["etl.example.toml", "etl.demo.toml"])
+def test_daemon_http_port_is_published_and_health_checked(
+    services: dict[str, dict[str, Any]], config_name: str
+) -> None:
+    etl_service = services["etl"]
+    _, cfg = load_toml(ROOT / "deploy" / config_name)
+    assert cfg.http.enabled and cfg.http.host == "0.0.0.0"
+    published = {p.rsplit(":", 1)[1] for p in etl_service["ports"]}
+    assert str(cfg.http.port) in published
+    assert all(p.startswith("127.0.0.1:") for p in etl_service["ports"])  # not on every NIC
+    probe = " ".join(etl_service["healthcheck"]["test"])
+    assert f"127.0.0.1:{cfg.http.port}/healthz" in probe
