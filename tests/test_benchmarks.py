@@ -1,0 +1,117 @@
+"""Smoke test of benchmarks/fleet.py at tiny sizes: it runs, and its JSON lines say what
+docs/benchmarks.md says they do. (compare_dlt.py needs dlt, an optional extra: not run here.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FLEET = ROOT / "benchmarks" / "fleet.py"
+INSTANCES, CHATS, TICKS = 5, 20, 2
+TICK_FIELDS = {
+    "type",
+    "tick",
+    "phase",
+    "mode",
+    "wall_s",
+    "cpu_s",
+    "sim_cpu_s",
+    "http_requests",
+    "rss_mb",
+    "peak_rss_mb",
+    "sim_rss_mb",
+}
+DB_FIELDS = {"db_cpu_s", "statements", "statement_rows", "rows_written", "changes", "statuses"}
+
+
+def run_fleet(*args: str) -> list[dict[str, Any]]:
+    cmd = [sys.executable, str(FLEET), "--instances", str(INSTANCES), "--chats", str(CHATS)]
+    cmd += ["--ticks", str(TICKS), "--change-rate", "0.2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def check_common(lines: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
+    *ticks, summary = lines
+    assert summary["type"] == "summary"
+    phases = ["cold"] + ["steady"] * TICKS + ["nochange"]
+    assert [(t["tick"], t["phase"], t["mode"]) for t in ticks] == [
+        (n, p, m) for n, p in enumerate(phases) for m in modes
+    ]
+    for t in ticks:
+        assert t["type"] == "tick"
+        assert t.keys() >= TICK_FIELDS
+        assert t["instances"] == INSTANCES and t["chats"] == CHATS
+        assert t["http_requests"] == INSTANCES  # one getChats per instance per pass
+        assert t["wall_s"] > 0 and t["cpu_s"] > 0
+        assert t["peak_rss_mb"] > 10
+    return summary
+
+
+def check_db(lines: list[dict[str, Any]], backend: str) -> None:
+    ticks = [t for t in lines if t["type"] == "tick" and t["mode"] == "db"]
+    for t in ticks:
+        assert t.keys() >= DB_FIELDS
+        assert t["backend"] == backend
+        assert t["statuses"] == {"ok": INSTANCES}
+        assert t["statements"]["total"] >= INSTANCES
+        assert t["rows_written"]["sync_runs"] >= INSTANCES  # one run row per instance
+        if backend == "postgresql":
+            assert t["db_cpu_s"] is not None
+        else:
+            assert t["db_cpu_s"] is None
+    cold, *steady, nochange = ticks
+    assert cold["changes"]["chats_inserted"] == INSTANCES * CHATS
+    assert cold["rows_written"]["chats"] == INSTANCES * CHATS
+    assert cold["rows_written"]["chat_ephemeral_history"] == INSTANCES * CHATS
+    for t in steady:
+        c = t["changes"]
+        changed = c["chats_inserted"] + c["chats_updated"] + c["chats_removed"]
+        assert changed > 0
+        assert t["rows_written"].get("chats", 0) == changed  # one row per changed chat
+    assert nochange["rows_written"].get("chats", 0) == 0
+    assert nochange["rows_written"].get("chat_ephemeral_history", 0) == 0
+    assert sum(nochange["changes"][k] for k in ("chats_inserted", "chats_updated")) == 0
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_fleet_db_and_floor_side_by_side(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'bench.db'}"
+    else:
+        request.getfixturevalue("pg_admin")  # skips (or fails in CI) without PostgreSQL
+        from tests.conftest import PG_URL
+
+        assert PG_URL
+        url = PG_URL
+    lines = run_fleet("--database-url", url)
+    summary = check_common(lines, ["floor", "db"])
+    check_db(lines, "sqlite" if backend == "sqlite" else "postgresql")
+    for phase in ("cold", "steady", "nochange"):
+        assert summary[phase]["ratio_vs_floor"] > 0
+        assert summary[phase]["floor_wall_s"] > 0 and summary[phase]["db_wall_s"] > 0
+    assert summary["goals"]["nochange_writes_no_chat_or_history_rows"] is True
+    assert summary["goals"]["every_sync_ok"] is True
+    if backend == "sqlite":
+        assert not (tmp_path / "bench.db").exists()  # the scratch file is removed
+
+
+def test_fleet_floor_only() -> None:
+    lines = run_fleet("--floor")
+    summary = check_common(lines, ["floor"])
+    for t in lines[:-1]:
+        assert "statements" not in t and "rows_written" not in t
+        assert t["chats_decoded"] >= INSTANCES * CHATS * 0.8
+    assert summary["steady"]["floor_wall_s"] > 0
+    assert "ratio_vs_floor" not in summary["steady"]
