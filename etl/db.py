@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,22 @@ def _sqlite_begin(conn: Connection) -> None:
     if conn.get_execution_options().get(READ_ONLY):
         conn.exec_driver_sql("BEGIN")
         return
+    # First try without waiting, so that a wait for another writer can be logged.
+    cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    timeout = SQLITE_BUSY_TIMEOUT_MS
+    try:
+        timeout = cur.execute("PRAGMA busy_timeout").fetchone()[0]
+        cur.execute("PRAGMA busy_timeout = 0")
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+        log.info("SQLite database is locked by another writer; waiting up to %d ms", timeout)
+    finally:
+        cur.execute(f"PRAGMA busy_timeout = {int(timeout)}")
+        cur.close()
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
