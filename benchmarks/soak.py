@@ -216,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--fault-rate", type=float, default=0.05, help="share of faulty ticks")
     p.add_argument("--sample-every", type=float, default=5.0)
+    p.add_argument(
+        "--new-chat-rate",
+        type=float,
+        default=0.01,
+        help="share of chats added per simulator step (0: a fixed population)",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--csv", type=Path, default=None, help="write the samples here")
     p.add_argument("--log", type=Path, default=None, help="keep the daemon's log here")
@@ -236,7 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     log_path = args.log or tmp / "daemon.log"
     problems: list[str] = []
     samples: list[Sample] = []
-    rates = ChangeRates(new=0.01, rename=0.02, archive=0.02, ephemeral=0.03, removal=0.005)
+    rates = ChangeRates(
+        new=args.new_chat_rate,
+        rename=0.02,
+        archive=0.02,
+        ephemeral=0.03,
+        removal=0.005 if args.new_chat_rate else 0.0,
+    )
     try:
         migrate = make_engine(url)
         upgrade(migrate)

@@ -172,12 +172,20 @@ class GreenApiClient:
         attempts = 0
 
         last_error: ApiError | None = None
+        host = urlsplit(instance.api_url).netloc
 
         def attempt() -> FetchResult:
             nonlocal attempts, last_error
             if last_error is not None and self._stop.is_set():
                 last_error.retryable = False  # shutting down: no more retries
                 raise last_error
+            if deadline - time.monotonic() <= 0:  # a late wake-up: nothing is sent, so
+                # it is not an attempt (``attempts`` counts HTTP requests)
+                raise ApiError(
+                    f"getChats on {host}: time budget exhausted",
+                    error_kind="timeout",
+                    retryable=False,
+                )
             attempts += 1
             try:
                 return self._attempt(instance, deadline=deadline, attempt=attempts)

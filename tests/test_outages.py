@@ -1,0 +1,730 @@
+"""The database goes away while the daemon runs, and two processes sync the same instances.
+
+* PostgreSQL outage: the daemon (``python -m etl run``) talks to PostgreSQL through a TCP
+  proxy on loopback that the test cuts (every connection closed, new ones refused) and
+  restores. The shared server itself is never stopped.
+* SQLite outage: another connection holds ``BEGIN EXCLUSIVE`` for a while.
+* Two ``etl sync --once`` at the same moment on the same instance, and two daemons on the
+  same instances, on both backends.
+
+After each: no crash, a log line per failed tick, syncing resumes by itself within one
+interval, and no tick left partial rows (``check_history_invariants``,
+``check_runs_consistent``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+
+import etl.db
+from etl.client import GreenApiClient
+from etl.config import FileConfig
+from etl.db import make_engine
+from etl.scheduler import Daemon
+from etl.simulator import ChangeRates, Fault, Simulator
+from etl.sync import Syncer, register_instances
+from tests.conftest import _new_pg_database, make_instance
+from tests.factories import check_history_invariants, rows, scalar
+from tests.test_faults import check_runs_consistent
+
+pytestmark = pytest.mark.slow
+
+BUSY = ChangeRates(new=0.05, rename=0.05, archive=0.05, ephemeral=0.1, removal=0.03)
+
+# -- helpers shared with test_kills ------------------------------------------------------------
+
+
+def write_config(
+    path: Path, sim: Simulator, *, interval: int = 1, defaults: str = "", workers: int = 4
+) -> Path:
+    """A config for ``sim`` (status endpoint off when this version has one)."""
+    text_ = sim.config_toml(interval_seconds=interval)
+    text_ = text_.replace("[defaults]\n", f"[defaults]\n{defaults}", 1)
+    head = f"[scheduler]\nmax_workers = {workers}\nshutdown_timeout_seconds = 20\n\n"
+    if "http" in FileConfig.model_fields:  # never fight over the default port
+        head += "[http]\nenabled = false\n\n"
+    path.write_text(head + text_, encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+def child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("ETL_")}
+
+
+class Proc:
+    """``python -m etl ...`` in the background, stderr to a file."""
+
+    def __init__(self, args: list[str], log: Path, cwd: Path) -> None:
+        self.log = log
+        self._out: IO[bytes] = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "etl", *args],
+            cwd=cwd,
+            env=child_env(),
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def text(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_until(self, what: str, cond: Callable[[], bool], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert self.alive(), f"exited ({self.proc.returncode}) before {what}:\n{self.text}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.text}"
+            time.sleep(0.05)
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(10)
+        self._out.close()
+
+
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+)\s+(\S+): (.*)$")
+
+
+def log_lines(text_: str) -> list[tuple[float, str, str]]:
+    """(unix time, level, message) of every formatted log line."""
+    out = []
+    for line in text_.splitlines():
+        m = LOG_LINE.match(line)
+        if m:
+            when = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            out.append((when, m.group(2), m.group(4)))
+    return out
+
+
+def runs_of(engine: Engine, iid: int) -> list[Any]:
+    return rows(
+        engine,
+        "SELECT id, status, error_kind, started_at, finished_at FROM sync_runs "
+        "WHERE instance_id = :i ORDER BY started_at, id",
+        i=iid,
+    )
+
+
+def as_unix(value: Any) -> float:
+    if isinstance(value, str):  # SQLite text
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return float(value.timestamp())
+
+
+def final_pass_matches(engine: Engine, sim: Simulator) -> None:
+    """One clean sync per instance of a frozen copy of its list; the table must equal it."""
+    client = GreenApiClient()
+    try:
+        for iid in sim.instance_ids:
+            frozen = sim.chats(iid)  # a ticking simulator moves on; serve this exact list
+            sim.set_fault(iid, Fault(body=orjson.dumps(frozen), times=1))
+            out = Syncer(engine, client).sync(make_instance(sim, iid))
+            assert out.status == "ok", out
+            stored = {
+                r.chat_id: (r.name, r.archived, r.ephemeral_expiration)
+                for r in rows(
+                    engine,
+                    "SELECT chat_id, name, archived, ephemeral_expiration FROM chats "
+                    "WHERE instance_id = :i AND removed_at IS NULL",
+                    i=iid,
+                )
+            }
+            served = {c["id"]: (c["name"], c["archive"], c["ephemeralExpiration"]) for c in frozen}
+            assert stored == served
+    finally:
+        client.close()
+
+
+# -- a TCP proxy the test can cut -------------------------------------------------------------
+
+
+class TcpProxy:
+    """Loopback TCP proxy to ``target``. ``cut()`` closes every connection and refuses new
+    ones (nothing listens on the port); ``restore()`` listens again on the same port."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self._listener: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self.accepted = 0
+
+    def start(self) -> TcpProxy:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        listener.settimeout(0.05)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:  # cut while connecting
+                    client.close()
+                    upstream.close()
+                    return
+                self._conns.update((client, upstream))
+                self.accepted += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                self._flowing.wait()  # stalled: hold the bytes, keep the connection
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            for s in (src, dst):
+                if s in self._conns:
+                    self._conns.discard(s)
+                    s.close()
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = list(self._conns), set()
+        if listener is not None:
+            listener.close()
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def restore(self) -> None:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                self.start()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stall(self) -> None:
+        """The database stops answering; connections stay open (no FIN, no RST)."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def stop(self) -> None:
+        self._flowing.set()
+        self.cut()
+
+
+@pytest.fixture
+def pg_db(pg_admin: Engine, pg_template: str) -> Iterator[str]:
+    url, drop = _new_pg_database(pg_admin, template=pg_template)
+    yield url
+    drop()
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _ok_runs(engine: Engine) -> int:
+    return int(scalar(engine, "SELECT COUNT(*) FROM sync_runs WHERE status = 'ok'"))
+
+
+# -- PostgreSQL goes away ------------------------------------------------------------------------
+
+INTERVAL = 1
+
+
+@pytest.mark.postgres
+def test_postgresql_outage_through_a_cut_proxy(pg_db: str, tmp_path: Path) -> None:
+    direct = make_engine(pg_db)
+    try:
+        _pg_outage(pg_db, direct, tmp_path)
+    finally:
+        direct.dispose()
+
+
+def _pg_outage(pg_db: str, direct: Engine, tmp_path: Path) -> None:
+    url = make_url(pg_db)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432)).start()
+    via_proxy = url.set(port=proxy.port).render_as_string(hide_password=False)
+    with Simulator(instances=3, chats=150, seed=21, rates=BUSY, tick_seconds=0.5) as sim:
+        config = write_config(tmp_path / "etl.toml", sim, interval=INTERVAL)
+        d = Proc(
+            ["--config", str(config), "--database-url", via_proxy, "run"],
+            tmp_path / "daemon.log",
+            tmp_path,
+        )
+        try:
+            d.wait_until("two ticks per instance", lambda: _ok_runs(direct) >= 6)
+            # short blips at random points, to catch transactions in flight
+            rnd = random.Random(7)
+            for _ in range(4):
+                time.sleep(rnd.uniform(0.3, 1.2))
+                proxy.cut()
+                time.sleep(rnd.uniform(0.1, 0.6))
+                proxy.restore()
+            time.sleep(1.5)
+            # the long outage
+            requests_before = sim.request_count()
+            cut_at = time.time()
+            proxy.cut()
+            time.sleep(5.0)
+            requests_during = sim.request_count() - requests_before
+            assert d.alive(), d.text
+            restored_at = time.time()
+            proxy.restore()
+            resumed: dict[int, float] = {}
+
+            def all_resumed() -> bool:
+                for iid in sim.instance_ids:
+                    after = [
+                        as_unix(r.started_at)
+                        for r in runs_of(direct, iid)
+                        if r.status == "ok" and as_unix(r.started_at) >= restored_at
+                    ]
+                    if after:
+                        resumed[iid] = min(after) - restored_at
+                return len(resumed) == len(sim.instance_ids)
+
+            d.wait_until("every instance synced again", all_resumed, timeout=15)
+            time.sleep(1.0)
+            assert d.alive(), d.text
+            rc = d.terminate()
+        finally:
+            d.close()
+            proxy.stop()
+        log = d.text
+        assert rc == 0, log
+        assert "Traceback" not in log and "unexpected error" not in log, log
+        # one line per instance per failed tick while the database was away
+        lines = log_lines(log)
+        for iid in sim.instance_ids:
+            failed = [
+                msg
+                for when, level, msg in lines
+                if cut_at <= when <= restored_at + 0.2
+                and level in ("WARNING", "ERROR")
+                and str(iid) in msg
+                and ("could not claim the lease" in msg or "could not be recorded" in msg)
+            ]
+            assert len(failed) >= 3, f"{iid}: {len(failed)} failure lines in a 5 s outage\n{log}"
+        # resumed within one interval (plus scheduling slack) of the database's return
+        assert max(resumed.values()) <= INTERVAL + 1.0, resumed
+        # a tick that cannot claim its lease does not call the API
+        assert requests_during <= len(sim.instance_ids), requests_during
+        # no run started during the long outage was recorded half-way
+        check_history_invariants(direct)
+        check_runs_consistent(direct)
+        # and a final clean pass agrees with the simulator
+        final_pass_matches(direct, sim)
+    print(f"resumed after restore (s): {resumed}; proxy connections: {proxy.accepted}")
+
+
+@pytest.mark.postgres
+def test_postgresql_stall_then_resume(pg_db: str, caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL stops answering for 4 s without closing anything (a stalled proxy or
+    network): the syncs in flight wait, the ticks falling due meanwhile are skipped with a
+    warning each, and everything resumes as soon as the bytes flow again."""
+    caplog.set_level(logging.WARNING)
+    url = make_url(pg_db)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432)).start()
+    engine = make_engine(url.set(port=proxy.port).render_as_string(hide_password=False))
+    direct = make_engine(pg_db)
+    with Simulator(instances=2, chats=60, seed=43, rates=BUSY) as sim:
+        fleet = [make_instance(sim, iid, interval_seconds=1) for iid in sim.instance_ids]
+        register_instances(direct, fleet)
+        client = GreenApiClient(backoff_initial=0.01, backoff_max=0.05)
+        daemon = Daemon(syncer=Syncer(engine, client), instances=fleet, max_workers=4)
+        daemon.start()
+        try:
+            _wait_for(lambda: _ok_runs(direct) >= 4, 20, "two ticks per instance")
+            sim.step()
+            stalled_at = time.time()
+            proxy.stall()
+            time.sleep(4.0)
+            resumed_at = time.time()
+            proxy.resume()
+            sim.step()
+            _wait_for(
+                lambda: all(
+                    any(as_unix(r.started_at) > resumed_at for r in runs_of(direct, i.id_instance))
+                    for i in fleet
+                ),
+                10,
+                "fresh ticks after the stall",
+            )
+        finally:
+            stopped = daemon.stop()
+            client.close()
+            proxy.stop()
+            engine.dispose()
+    assert stopped
+    skipped = [
+        r
+        for r in caplog.records
+        if stalled_at <= r.created <= resumed_at + 0.5
+        and "maximum number of running instances reached" in r.getMessage()
+    ]
+    assert len(skipped) >= 2 * len(fleet), [r.getMessage() for r in caplog.records]
+    failed = scalar(direct, "SELECT COUNT(*) FROM sync_runs WHERE status <> 'ok'")
+    assert failed == 0
+    check_history_invariants(direct)
+    check_runs_consistent(direct)
+    direct.dispose()
+
+
+# -- SQLite locked by another connection ---------------------------------------------------------
+
+
+@pytest.fixture
+def sqlite_file(tmp_path: Path, sqlite_template: Path) -> Iterator[tuple[str, Path]]:
+    import shutil
+
+    path = tmp_path / "locked.db"
+    shutil.copyfile(sqlite_template, path)
+    yield f"sqlite:///{path}", path
+
+
+def _hold_exclusive(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+    conn.execute("BEGIN EXCLUSIVE")
+    return conn
+
+
+def test_sqlite_locked_with_a_short_busy_timeout(
+    sqlite_file: tuple[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every tick while the file is locked fails after the busy timeout with one log line;
+    the first tick after the lock is released syncs again."""
+    monkeypatch.setattr(etl.db, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    caplog.set_level(logging.INFO, logger="etl")
+    db_url, path = sqlite_file
+    engine = make_engine(db_url)
+    with Simulator(instances=2, chats=60, seed=23, rates=BUSY) as sim:
+        fleet = [make_instance(sim, iid, interval_seconds=1) for iid in sim.instance_ids]
+        register_instances(engine, fleet)
+        client = GreenApiClient(backoff_initial=0.01, backoff_max=0.05)
+        daemon = Daemon(syncer=Syncer(engine, client), instances=fleet, max_workers=4)
+        daemon.start()
+        try:
+            _wait_for(lambda: _ok_runs(engine) >= 4, 15, "two ticks per instance")
+            sim.step()
+            locked_at = time.time()
+            holder = _hold_exclusive(path)
+            try:
+                time.sleep(4.0)
+                assert daemon.scheduler.running
+            finally:
+                released_at = time.time()
+                holder.rollback()
+                holder.close()
+            sim.step()
+            resumed: dict[int, float] = {}
+
+            def all_resumed() -> bool:
+                for inst in fleet:
+                    after = [
+                        as_unix(r.started_at)
+                        for r in runs_of(engine, inst.id_instance)
+                        if as_unix(r.started_at) >= released_at
+                    ]
+                    if after:
+                        resumed[inst.id_instance] = min(after) - released_at
+                return len(resumed) == len(fleet)
+
+            _wait_for(all_resumed, 10, "syncs after the lock")
+        finally:
+            assert daemon.stop()
+            client.close()
+    records = [r for r in caplog.records if locked_at <= r.created <= released_at + 0.3]
+    for inst in fleet:
+        failed = [
+            r
+            for r in records
+            if r.levelno >= logging.WARNING
+            and str(inst.id_instance) in r.getMessage()
+            and "could not be recorded" in r.getMessage()
+        ]
+        # about four ticks in four seconds; one line each
+        assert len(failed) >= 3, [r.getMessage() for r in records]
+        assert all("database" in r.getMessage() for r in failed)
+    assert max(resumed.values()) <= 1.5, resumed
+    # nothing from the locked period was written (the lock holder rolled back)
+    for inst in fleet:
+        during = [
+            r
+            for r in runs_of(engine, inst.id_instance)
+            if locked_at + 0.5 <= as_unix(r.started_at) <= released_at - 0.5
+        ]
+        assert during == [], during
+    check_history_invariants(engine)
+    check_runs_consistent(engine)
+    engine.dispose()
+
+
+def test_sqlite_locked_daemon_waits_with_the_default_busy_timeout(
+    sqlite_file: tuple[str, Path], tmp_path: Path
+) -> None:
+    """With the shipped 30 s busy timeout a 3 s lock only delays the writes: the running
+    syncs wait, the scheduler skips (and logs) the ticks that fall due meanwhile."""
+    db_url, path = sqlite_file
+    engine = create_engine(db_url)  # plain reads: no BEGIN IMMEDIATE, never blocked (WAL)
+    with Simulator(instances=2, chats=60, seed=29, rates=BUSY, tick_seconds=0.5) as sim:
+        config = write_config(tmp_path / "etl.toml", sim, interval=1)
+        d = Proc(
+            ["--config", str(config), "--database-url", db_url, "run"],
+            tmp_path / "daemon.log",
+            tmp_path,
+        )
+        try:
+            d.wait_until("two ticks per instance", lambda: _ok_runs(engine) >= 4)
+            holder = _hold_exclusive(path)
+            try:
+                time.sleep(3.0)
+                assert d.alive()
+                runs_during = _ok_runs(engine)
+            finally:
+                released_at = time.time()
+                holder.rollback()
+                holder.close()
+            d.wait_until(
+                "syncs after the lock",
+                lambda: all(
+                    any(as_unix(r.finished_at) >= released_at for r in runs_of(engine, i))
+                    for i in sim.instance_ids
+                ),
+                timeout=10,
+            )
+            time.sleep(1.5)
+            rc = d.terminate()
+        finally:
+            d.close()
+    log = d.text
+    assert rc == 0, log
+    assert "Traceback" not in log
+    assert "maximum number of running instances reached" in log, log
+    failed = scalar(engine, "SELECT COUNT(*) FROM sync_runs WHERE status = 'failed'")
+    assert failed == 0
+    assert _ok_runs(engine) > runs_during
+    check_history_invariants(engine)
+    check_runs_consistent(engine)
+    engine.dispose()
+
+
+# -- two processes, same instance ----------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated database URL on each backend (used by subprocesses)."""
+    if request.param == "sqlite":
+        import shutil
+
+        path = tmp_path / "shared.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite:///{path}"
+        return
+    yield request.getfixturevalue("pg_db")
+
+
+def _hold_instance_lock(db_url: str, iid: int) -> Callable[[], None]:
+    """PostgreSQL: hold the instance's advisory lock (the sync's lock_instance key)."""
+    eng = create_engine(etl.db.normalise_url(db_url))
+    conn = eng.connect()
+    conn.execute(text("SELECT pg_advisory_lock(4242, :k)"), {"k": iid % 2**31})
+
+    def release() -> None:
+        conn.execute(text("SELECT pg_advisory_unlock(4242, :k)"), {"k": iid % 2**31})
+        conn.close()
+        eng.dispose()
+
+    return release
+
+
+def test_two_sync_once_at_the_same_moment(any_db: str, tmp_path: Path) -> None:
+    engine = make_engine(any_db)
+    with Simulator(instances=1, chats=400, seed=31) as sim:
+        iid = sim.instance_ids[0]
+        config = write_config(tmp_path / "etl.toml", sim, interval=60)
+        # both fetches are in flight together, so both writes start together
+        sim.set_fault(iid, Fault(delay=1.0, times=2))
+        release = _hold_instance_lock(any_db, iid) if engine.dialect.name == "postgresql" else None
+        procs = [
+            Proc(
+                ["--config", str(config), "--database-url", any_db, "sync", "--once"],
+                tmp_path / f"once{n}.log",
+                tmp_path,
+            )
+            for n in (1, 2)
+        ]
+        try:
+            if release is not None:  # PostgreSQL: both now wait on the same lock
+                _wait_for(lambda: sim.request_count(iid) == 2, 30, "both fetches")
+                time.sleep(1.5)
+                release()
+                release = None
+            codes = [p.proc.wait(60) for p in procs]
+        finally:
+            if release is not None:
+                release()
+            for p in procs:
+                p.close()
+        logs = [p.text for p in procs]
+    assert codes == [0, 0], logs
+    assert all("Traceback" not in t for t in logs), logs
+    assert sim.request_count(iid) == 2
+    runs = rows(engine, "SELECT * FROM sync_runs ORDER BY finished_at")
+    assert [r.status for r in runs] == ["ok", "ok"]
+    # one applied the list; the other, serialised behind it, found nothing left to do
+    assert sorted(r.chats_inserted for r in runs) == [0, 400]
+    assert all(r.chats_updated == 0 and r.chats_removed == 0 for r in runs)
+    assert scalar(engine, "SELECT COUNT(*) FROM chats") == 400
+    assert scalar(engine, "SELECT COUNT(*) FROM chat_ephemeral_history") == 400
+    check_history_invariants(engine)
+    check_runs_consistent(engine)
+    if engine.dialect.name == "postgresql":
+        waited = [t for t in logs if "another process is syncing it; waiting" in t]
+        assert len(waited) >= 1, logs
+    engine.dispose()
+
+
+def test_a_waiting_sqlite_writer_says_so(tmp_path: Path, sqlite_template: Path) -> None:
+    import shutil
+
+    path = tmp_path / "w.db"
+    shutil.copyfile(sqlite_template, path)
+    engine = make_engine(f"sqlite:///{path}")
+    with Simulator(instances=1, chats=10, seed=37) as sim:
+        inst = make_instance(sim)
+        register_instances(engine, [inst])
+        client = GreenApiClient()
+        holder = _hold_exclusive(path)
+        threading.Timer(1.0, holder.rollback).start()
+        handler = _Collect()
+        etl_logger = logging.getLogger("etl")
+        level = etl_logger.level
+        etl_logger.setLevel(logging.INFO)
+        etl_logger.addHandler(handler)
+        try:
+            assert Syncer(engine, client).sync(inst).status == "ok"
+        finally:
+            etl_logger.removeHandler(handler)
+            etl_logger.setLevel(level)
+            client.close()
+            holder.close()
+    engine.dispose()
+    assert any("wait" in m for m in handler.messages), handler.messages
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_two_daemons_on_the_same_instances(any_db: str, tmp_path: Path) -> None:
+    engine = make_engine(any_db)
+    pg = engine.dialect.name == "postgresql"
+    with Simulator(instances=3, chats=80, seed=41, rates=BUSY, tick_seconds=0.5) as sim:
+        config = write_config(tmp_path / "etl.toml", sim, interval=1)
+        args = ["--config", str(config), "--database-url", any_db, "--log-level", "DEBUG", "run"]
+        daemons = [Proc(args, tmp_path / f"daemon{n}.log", tmp_path) for n in (1, 2)]
+        try:
+            for d in daemons:
+                d.wait_until("scheduler started", lambda d=d: "scheduler started" in d.text)
+            time.sleep(5.0)
+            assert all(d.alive() for d in daemons)
+            codes = [d.terminate() for d in daemons]
+        finally:
+            for d in daemons:
+                d.close()
+        logs = [d.text for d in daemons]
+        assert codes == [0, 0], logs
+        for t in logs:
+            assert "Traceback" not in t and "unexpected error" not in t, t
+        failed = rows(engine, "SELECT error_kind, error FROM sync_runs WHERE status <> 'ok'")
+        assert failed == [], failed
+        for iid in sim.instance_ids:
+            runs = runs_of(engine, iid)
+            assert len(runs) >= 3, (iid, len(runs))
+            if pg:  # leases: one replica per instance, never two syncs at once
+                for prev, nxt in zip(runs, runs[1:], strict=False):
+                    assert as_unix(prev.finished_at) <= as_unix(nxt.started_at) + 1e-3
+        if pg:
+            # each instance is leased by one daemon; the other says it skipped it
+            assert any("synced by another replica" in t for t in logs), logs
+        # both wrote into the same tables without breaking them; a last pass agrees
+        final_pass_matches(engine, sim)
+    check_history_invariants(engine)
+    check_runs_consistent(engine)
+    engine.dispose()
