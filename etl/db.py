@@ -79,6 +79,21 @@ def read_only(engine: Engine) -> Connection:
     return engine.connect().execution_options(**{READ_ONLY: True})
 
 
+#: libpq settings so that a server that stops answering (a dead host, a network black
+#: hole, a failed-over address) fails the tick instead of hanging its job for good: give
+#: up connecting after 10 s, probe an idle connection after 30 s, and drop a connection
+#: whose sent data stays unacknowledged for 60 s. Any of them given in the URL's query
+#: string (``?connect_timeout=3``) wins.
+PG_CONNECT_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}
+
+
 def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
     """An engine with this project's settings for SQLite or PostgreSQL."""
     url = normalise_url(url)
@@ -88,9 +103,12 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
+    query = make_url(url).query
+    connect_args = {k: v for k, v in PG_CONNECT_DEFAULTS.items() if k not in query}
     return create_engine(
         url,
         echo=echo,
+        connect_args=connect_args,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,

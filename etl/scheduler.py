@@ -86,11 +86,20 @@ class Daemon:
                 log.debug("instance %s: synced by another replica", instance.id_instance)
                 return None
         except SQLAlchemyError as exc:
-            log.warning(
-                "instance %s: could not claim the lease (%s); tick skipped",
-                instance.id_instance,
-                type(exc).__name__,
-            )
+            reason = type(exc).__name__
+            if instance.id_instance in self.leases.owned:
+                # ours until now: the tick is lost to the outage and goes into sync_runs
+                # (written once the database answers); another replica's is not ours to count
+                lost = self.syncer.unreachable_outcome(
+                    instance, f"could not claim the lease: {reason}"
+                )
+                self.syncer.defer_failure(lost, reason)
+            else:
+                log.warning(
+                    "instance %s: could not claim the lease (%s); tick skipped",
+                    instance.id_instance,
+                    reason,
+                )
             return None
         try:
             outcome = self.syncer.sync(instance)

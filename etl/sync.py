@@ -8,14 +8,17 @@ the changed chats, the SCD2 history rows and the ``sync_runs`` row together.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+import orjson
 from sqlalchemy import Connection, Engine, Table, and_, bindparam, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -154,12 +157,32 @@ class _Health:
     next_due: float = 0.0  # time.monotonic()
 
 
-def ids_digest(chat_ids: Iterable[str]) -> str:
-    h = hashlib.sha256()
-    for chat_id in sorted(chat_ids):
-        h.update(chat_id.encode("utf-8", "surrogatepass"))
-        h.update(b"\x00")
-    return h.hexdigest()
+VANISHED_SAMPLE_SIZE = 32
+#: failed ticks kept in memory while the database is unreachable (~0.5 kB each)
+UNRECORDED_LIMIT = 20_000
+
+
+def _vanished_sample(vanished: set[str]) -> str:
+    """Up to 32 of the missing ids, picked by hash (so spread over the set), as JSON."""
+    picked = heapq.nsmallest(
+        VANISHED_SAMPLE_SIZE,
+        vanished,
+        key=lambda cid: hashlib.blake2b(
+            cid.encode("utf-8", "surrogatepass"), digest_size=8
+        ).digest(),
+    )
+    return orjson.dumps(sorted(picked)).decode()
+
+
+def _parse_vanished_sample(stored: str | None) -> set[str] | None:
+    """The sample saved by the last anomaly tick; None when there is none (or an old digest)."""
+    if not stored or not stored.startswith("["):
+        return None
+    try:
+        ids = orjson.loads(stored)
+    except orjson.JSONDecodeError:
+        return None
+    return {str(i) for i in ids} if isinstance(ids, list) else None
 
 
 def register_instances(
@@ -227,6 +250,11 @@ class Syncer:
         self._snapshots: dict[int, _Snapshot] = {}
         #: called with every finished outcome (metrics, status); errors are logged, not raised
         self.listeners: list[Callable[[Instance, SyncOutcome], None]] = []
+        #: failed ticks not yet in ``sync_runs`` because the database was unreachable too;
+        #: written after the next transaction that succeeds (bounded, oldest dropped first)
+        self._unrecorded: deque[SyncOutcome] = deque(maxlen=UNRECORDED_LIMIT)
+        self._unrecorded_dropped = 0
+        self._unrecorded_lock = threading.Lock()
 
     def due(self, instance: Instance) -> bool:
         """False while the instance is backing off after failures (the daemon skips it)."""
@@ -349,6 +377,7 @@ class Syncer:
             self._write_failure(outcome)
             return outcome
         self._log(instance, outcome)
+        self.flush_unrecorded()
         return outcome
 
     def _finish(self, outcome: SyncOutcome, t0: float) -> None:
@@ -356,21 +385,76 @@ class Syncer:
         outcome.duration_ms = int((time.monotonic() - t0) * 1000)
 
     def _write_failure(self, outcome: SyncOutcome) -> None:
-        """Record a failed tick in its own transaction; log if even that is impossible."""
+        """Record a failed tick in its own transaction; keep it for later if even that fails."""
         try:
             with self.engine.begin() as conn:
                 outcome.sync_run_id = conn.execute(
                     insert(runs_t).values(**outcome.row()).returning(runs_t.c.id)
                 ).scalar_one()
         except SQLAlchemyError as exc:
-            log.error(
-                "instance %s: sync failed (%s) and could not be recorded: %s",
-                outcome.instance_id,
-                outcome.error_kind,
-                type(exc).__name__,
-            )
+            self.defer_failure(outcome, type(exc).__name__)
             return
         self._log_failure(outcome)
+        self.flush_unrecorded()
+
+    def defer_failure(self, outcome: SyncOutcome, reason: str) -> None:
+        """A failed tick that cannot be written now: log it, write it when the database
+        answers again (after the next transaction that succeeds)."""
+        log.error(
+            "instance %s: sync failed (%s) and could not be recorded yet (%s); it will be "
+            "written to sync_runs when the database answers: %s",
+            outcome.instance_id,
+            outcome.error_kind,
+            reason,
+            outcome.error,
+        )
+        with self._unrecorded_lock:
+            if len(self._unrecorded) == self._unrecorded.maxlen:
+                self._unrecorded_dropped += 1
+            self._unrecorded.append(outcome)
+
+    def unreachable_outcome(self, instance: Instance, error: str) -> SyncOutcome:
+        """A tick that never started because the database could not be reached."""
+        now = self.clock()
+        return SyncOutcome(
+            instance.id_instance,
+            "failed",
+            now,
+            finished_at=now,
+            error_kind="database",
+            error=redact(error),
+            duration_ms=0,
+        )
+
+    def flush_unrecorded(self) -> int:
+        """Write the failed ticks kept while the database was away; returns how many."""
+        if not self._unrecorded:  # the common case, without the lock
+            return 0
+        with self._unrecorded_lock:
+            pending = list(self._unrecorded)
+            self._unrecorded.clear()
+            dropped, self._unrecorded_dropped = self._unrecorded_dropped, 0
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(runs_t), [o.row() for o in pending])
+        except SQLAlchemyError as exc:
+            with self._unrecorded_lock:  # back in front of anything newer, in order
+                self._unrecorded.extendleft(reversed(pending))
+                self._unrecorded_dropped += dropped
+            log.warning(
+                "could not yet write %d failed ticks to sync_runs: %s",
+                len(pending),
+                type(exc).__name__,
+            )
+            return 0
+        log.info(
+            "wrote %d failed ticks kept while the database was unreachable to sync_runs%s",
+            len(pending),
+            f" ({dropped} older ones were dropped, over the limit of {UNRECORDED_LIMIT})"
+            if dropped
+            else "",
+        )
+        return len(pending)
 
     @staticmethod
     def _log_failure(outcome: SyncOutcome) -> None:
@@ -706,19 +790,25 @@ class Syncer:
             if pending_digest is not None:
                 self._save_state(conn, iid, None, 0, now)
             return None
-        digest = ids_digest(c.chat_id for c in decoded.chats)
-        streak = pending_streak + 1 if pending_digest == digest else 1
+        # The streak goes on while the chats that were missing last time are all still
+        # missing (a real clean-up, even while new chats keep arriving) and restarts when
+        # one of them comes back (a glitchy partial list). A pseudo-random sample of the
+        # missing ids stands in for the set, which can be very large.
+        before = _parse_vanished_sample(pending_digest)
+        still_missing = before is not None and before <= vanished
+        streak = pending_streak + 1 if still_missing else 1
         if streak >= instance.mass_removal_confirmations:
             self._save_state(conn, iid, None, 0, now)
             log.warning(
-                "instance %s: %d of %d chats vanished; same list seen %d times in a row, applying",
+                "instance %s: %d of %d chats vanished and stayed missing %d times in a row; "
+                "applying",
                 iid,
                 len(vanished),
                 len(present),
                 streak,
             )
             return None
-        self._save_state(conn, iid, digest, streak, now)
+        self._save_state(conn, iid, _vanished_sample(vanished), streak, now)
         return (
             "mass_removal",
             f"{len(vanished)} of {len(present)} known chats vanished at once "

@@ -257,6 +257,29 @@ def test_an_attempt_never_sent_is_not_counted(sim: Simulator, engine: Engine) ->
     assert out.attempts == sim.request_count(iid) == 1
 
 
+def test_mass_removal_is_confirmed_while_new_chats_keep_arriving(
+    sim: Simulator, engine: Engine, fast_client: GreenApiClient
+) -> None:
+    """Most chats were deleted at once (a real clean-up), and new chats keep arriving: the
+    removal must eventually be applied, and the new chats with it."""
+    iid = sim.instance_ids[0]
+    inst = make_instance(sim, iid, mass_removal_confirmations=3)
+    register_instances(engine, [inst])
+    syncer = Syncer(engine, fast_client)
+    kept = [{"id": f"7900000000{i}@c.us", "name": f"c{i}"} for i in range(4)]
+    gone = [{"id": f"7911111111{i}@c.us", "name": f"g{i}"} for i in range(6)]
+    sim.set_chats(iid, kept + gone)
+    assert syncer.sync(inst).status == "ok"
+    statuses = []
+    for tick in range(8):
+        new = [{"id": f"7922222222{i}@c.us", "name": f"n{i}"} for i in range(tick + 1)]
+        sim.set_chats(iid, new + kept)  # 6 of 10 gone; one more new chat each tick
+        statuses.append(syncer.sync(inst).status)
+    assert "ok" in statuses, statuses
+    present = rows(engine, "SELECT chat_id FROM chats WHERE removed_at IS NULL")
+    assert len(present) == 4 + 8
+
+
 # -- 100,000 chats ---------------------------------------------------------------------------
 
 

@@ -47,9 +47,9 @@ pytestmark = pytest.mark.slow
 
 KILLS = int(os.environ.get("ETL_TEST_KILLS", "30"))  # per backend
 EXEC = os.environ.get("ETL_TEST_KILL_EXEC") == "1"
-# every tick writes (renames, archive flips, ephemeral changes), but chats vanish slowly
-# enough that the mass-removal guard stays out of the way (that guard is test_sync's job)
-# (as many chats appear as vanish, so the lists stay ~400 long however long it runs)
+# every tick writes (renames, archive flips, ephemeral changes); as many chats appear as
+# vanish, so the lists stay ~400 long however long it runs. The mass-removal guard stays on:
+# an instance left unsynced for a while sees many chats gone at once and must confirm it.
 RATES = ChangeRates(new=0.005, rename=0.03, archive=0.03, ephemeral=0.05, removal=0.005)
 
 ZYGOTE = r"""

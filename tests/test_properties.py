@@ -194,10 +194,13 @@ class Model:
         protected = {r.chat_id for r in dec.rejected if r.chat_id}
         vanished = (present - incoming.keys() - protected) if complete else set()
         if present and len(vanished) / len(present) > self.threshold:
-            ids = frozenset(incoming)
-            streak = self.streak + 1 if ids == self.pending else 1
+            # confirmed once the chats missing last time are still all missing (the pool is
+            # small, so the code's sample of the missing ids is the whole set here)
+            missing = frozenset(vanished)
+            still = self.pending is not None and self.pending <= missing
+            streak = self.streak + 1 if still else 1
             if streak < self.confirmations:
-                self.pending, self.streak = ids, streak
+                self.pending, self.streak = missing, streak
                 return out | {"status": "anomaly", "error_kind": "mass_removal"}
         self.pending, self.streak = None, 0
         for c in dec.chats:

@@ -308,6 +308,39 @@ def test_mass_disappearance_streak_resets_on_a_different_list(sim, engine, csync
     assert out.status == "anomaly" and "1/3" in (out.error or "")
 
 
+def test_random_partial_lists_never_confirm_a_mass_removal(sim, engine, csyncer, inst, clock):
+    """A glitch returning a different 40% of a big list each time is never applied (the
+    sample of missing ids is 32 of ~120, so one of them always comes back)."""
+    import random
+
+    rnd = random.Random(5)
+    base = chats_list(200)
+    sim.set_chats(inst.id_instance, base)
+    csyncer.sync(inst)
+    for _ in range(6):
+        clock.advance(60)
+        sim.set_chats(inst.id_instance, rnd.sample(base, 80))
+        out = csyncer.sync(inst)
+        assert (out.status, out.error_kind) == ("anomaly", "mass_removal")
+    assert scalar(engine, "SELECT COUNT(*) FROM chats WHERE removed_at IS NULL") == 200
+
+
+def test_a_big_clean_up_is_applied_while_chats_keep_changing(sim, engine, csyncer, inst, clock):
+    base = chats_list(300)
+    sim.set_chats(inst.id_instance, base)
+    csyncer.sync(inst)
+    kept = base[:100]
+    statuses = []
+    for tick in range(3):
+        clock.advance(60)
+        # 200 deleted; each tick a few more go and the kept ones get renamed
+        current = [dict(c, name=f"{c['name']}-{tick}") for c in kept[: 100 - tick]]
+        sim.set_chats(inst.id_instance, current)
+        statuses.append(csyncer.sync(inst).status)
+    assert statuses == ["anomaly", "anomaly", "ok"]
+    assert scalar(engine, "SELECT COUNT(*) FROM chats WHERE removed_at IS NULL") == 98
+
+
 def test_mass_removal_threshold_is_configurable(sim, engine, csyncer, inst):
     base = chats_list(10)
     sim.set_chats(inst.id_instance, base)
