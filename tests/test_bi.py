@@ -1171,3 +1171,30 @@ def test_schema_md_documents_every_table_view_and_column(bi):
         assert f"| `{kind}` |" in text_, kind
     for label in LABELS.values():
         assert f"`{label}`" in text_, label
+
+
+# -- README.md's "Example SQL" runs as printed ---------------------------------------------
+
+
+def readme_example_sql() -> list[str]:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Example SQL", 1)[1].split("\n## ", 1)[0]
+    blocks = [m.group("body") for m in FENCE.finditer(section) if m.group("info").strip() == "sql"]
+    assert blocks, "README.md has no ```sql block under '## Example SQL'"
+    return [s.strip() for b in blocks for s in b.split(";") if s.strip()]
+
+
+def test_readme_example_sql_runs(bi):
+    statements = readme_example_sql()
+    assert len(statements) >= 4
+    with bi.engine.connect() as conn:
+        results = [conn.execute(text(s)).all() for s in statements]
+    # "Instances whose last sync failed" agrees with the health view (latest by started_at)
+    failing = {r[0] for r in results[-1]}
+    expected = {
+        r[0]
+        for r in rows(
+            bi.engine, "SELECT instance_id FROM instance_sync_health WHERE last_status = 'failed'"
+        )
+    }
+    assert expected and failing == expected
