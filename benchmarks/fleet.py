@@ -72,6 +72,7 @@ from pydantic import SecretStr  # noqa: E402
 from sqlalchemy import Engine, create_engine, event, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
+import etl.db  # noqa: E402
 from etl.client import GreenApiClient  # noqa: E402
 from etl.config import Instance  # noqa: E402
 from etl.db import make_engine, normalise_url, upgrade  # noqa: E402
@@ -262,6 +263,13 @@ class SqlCounter:
     def attach(self, engine: Engine) -> None:
         event.listen(engine, "before_cursor_execute", self._before)
         event.listen(engine, "after_cursor_execute", self._after)
+        etl.db.copy_listeners.append(self._copy)  # COPY bypasses the cursor events
+
+    def _copy(self, table: str, rows: int) -> None:
+        with self.lock:
+            self.statements["COPY"] += 1
+            self.param_sets += rows
+            self.rows[table] += rows
 
     def _before(
         self, conn: Any, cursor: Any, statement: str, params: Any, ctx: Any, many: bool

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -16,6 +17,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
 from etl.errors import DatabaseNotReady
+
+if TYPE_CHECKING:
+    import psycopg
 from etl.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -123,6 +127,33 @@ def insert_for(conn: Connection, table: Table) -> postgresql.Insert | sqlite.Ins
     if conn.dialect.name == "sqlite":
         return sqlite.insert(table)
     raise NotImplementedError(f"unsupported database: {conn.dialect.name}")
+
+
+#: from this many rows on, plain inserts on PostgreSQL go through COPY: an instance's first
+#: load (500 chats + 500 history rows + 500 events) took 3.3 s for 100 instances with
+#: executemany, most of it SQLAlchemy building parameter sets and psycopg pipelining them
+COPY_MIN_ROWS = 64
+
+#: called with (table name, rows) after every COPY, which SQLAlchemy's cursor events do not
+#: see (the benchmarks count statements and rows through those events)
+copy_listeners: list[Callable[[str, int], None]] = []
+
+
+def bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """INSERT ``rows`` (all with the same keys): COPY on PostgreSQL when there are many."""
+    if not rows:
+        return
+    if conn.dialect.name != "postgresql" or len(rows) < COPY_MIN_ROWS:
+        conn.execute(table.insert(), list(rows))
+        return
+    columns = list(rows[0])
+    raw = cast("psycopg.Connection[Any]", conn.connection.dbapi_connection)
+    names = ", ".join(f'"{c}"' for c in columns)
+    with raw.cursor() as cur, cur.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+        for row in rows:
+            copy.write_row([row[c] for c in columns])
+    for listener in copy_listeners:
+        listener(table.name, len(rows))
 
 
 def lock_instance(conn: Connection, instance_id: int) -> int | None:

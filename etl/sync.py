@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from etl.client import GreenApiClient
 from etl.config import Instance
-from etl.db import insert_for, lock_instance, lock_registry
+from etl.db import bulk_insert, insert_for, lock_instance, lock_registry
 from etl.errors import SyncError
 from etl.models import Chat as ChatModel
 from etl.models import ChatEphemeralHistory, ChatEvent, InstanceRow, InstanceSyncState, SyncRun
@@ -545,6 +546,7 @@ class Syncer:
             conn, iid, [c.chat_id for c in candidates if c.chat_id in fingerprints]
         )
 
+        inserts: list[dict[str, Any]] = []  # not in the table (the snapshot is exact)
         upserts: list[dict[str, Any]] = []
         changed_ephemeral: list[tuple[ChatRecord, int, datetime | None]] = []
         new_chats: list[ChatRecord] = []
@@ -552,7 +554,8 @@ class Syncer:
         for chat in candidates:
             row = stored.get(chat.chat_id)
             if row is None:
-                upserts.append(self._chat_values(iid, chat, now, None))
+                values = self._chat_values(iid, chat, now, None)
+                (upserts if chat.chat_id in fingerprints else inserts).append(values)
                 new_chats.append(chat)
                 events.append((chat.chat_id, "created", None, chat.name))
                 outcome.chats_inserted += 1
@@ -587,7 +590,7 @@ class Syncer:
         self._note_result(instance, outcome)
         if run_id is None:  # SQLite: the run row must exist before rows point at it
             run_id = self._write_run(conn, outcome, None, t0)
-        self._write_chats(conn, iid, upserts, vanished, now)
+        self._write_chats(conn, iid, inserts, upserts, vanished, now)
         if vanished:
             events.extend((cid, "removed", None, None) for cid in sorted(vanished))
         starts = self._write_history(conn, iid, run_id, now, new_chats, changed_ephemeral)
@@ -603,7 +606,7 @@ class Syncer:
             )
 
         def commit_snapshot() -> None:
-            for values in upserts:
+            for values in itertools.chain(inserts, upserts):
                 fingerprints[values["chat_id"]] = _row_fingerprint(values)
                 snap.removed.discard(values["chat_id"])
             snap.removed.update(vanished)
@@ -700,10 +703,12 @@ class Syncer:
     def _write_chats(
         conn: Connection,
         iid: int,
+        inserts: list[dict[str, Any]],
         upserts: list[dict[str, Any]],
         vanished: set[str],
         now: datetime,
     ) -> None:
+        bulk_insert(conn, chats_t, inserts)
         if upserts:
             stmt = insert_for(conn, chats_t)
             stmt = stmt.on_conflict_do_update(
@@ -764,8 +769,7 @@ class Syncer:
             }
             for chat, old_expiration, _ in changed_ephemeral
         )
-        if rows:
-            conn.execute(insert(events_t), rows)
+        bulk_insert(conn, events_t, rows)
 
     def _check_anomaly(
         self,
@@ -893,8 +897,7 @@ class Syncer:
                 .values(valid_to=bindparam("b_valid_to")),
                 closes,
             )
-        if rows:
-            conn.execute(insert(history_t), rows)
+        bulk_insert(conn, history_t, rows)
         return starts
 
 

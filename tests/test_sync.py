@@ -535,3 +535,41 @@ def test_run_row_times_cover_the_database_writes(sim, engine, csyncer, inst):
 
         finished = conn.execute(select(SyncRun.finished_at)).scalar_one()
     assert finished == out.finished_at
+
+
+def test_first_load_in_bulk_keeps_every_byte_of_hostile_names(sim, engine, csyncer, inst):
+    """An instance's first load goes through COPY on PostgreSQL (>= 64 rows): names with
+    COPY's own escapes, quotes, control characters and non-BMP text arrive exactly."""
+    nasty = [
+        "tab\there",
+        "new\nline",
+        "back\\slash",
+        "\\N",
+        "\\.",
+        "'); DROP TABLE chats; --",
+        'quote " and , comma',
+        "carriage\rreturn",
+        "emoji 😀 ✓",
+        "",
+        "   ",
+    ]
+    chats = [
+        chat(
+            f"7955{i:07d}@c.us",
+            name=nasty[i % len(nasty)] + f" #{i}",
+            expiration=604800,
+            stamp=1_700_000_000 + i,
+        )
+        for i in range(200)
+    ]
+    sim.set_chats(inst.id_instance, chats)
+    out = csyncer.sync(inst)
+    assert (out.status, out.chats_inserted) == ("ok", 200)
+    stored = dict(rows(engine, "SELECT chat_id, name FROM chats"))
+    assert stored == {c["id"]: c["name"] for c in chats}
+    assert scalar(engine, "SELECT COUNT(*) FROM chat_ephemeral_history") == 200
+    assert scalar(engine, "SELECT COUNT(*) FROM chat_events WHERE event_type = 'created'") == 200
+    check_history_invariants(engine)
+    # and the next identical tick sees nothing to do (the bulk path stored what it read)
+    out = csyncer.sync(inst)
+    assert (out.chats_inserted, out.chats_updated, out.ephemeral_changes) == (0, 0, 0)
