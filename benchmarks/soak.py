@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import Engine, create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
+from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
 from etl.config import FileConfig  # noqa: E402
 from etl.db import make_engine, normalise_url, upgrade  # noqa: E402
@@ -82,7 +83,9 @@ FAULTS: list[tuple[str, Fault]] = [
 
 LOG_OK = re.compile(r"etl\.sync: instance (\d+): (ok|anomaly)\b")
 LOG_FAILED = re.compile(r"etl\.sync: instance (\d+): sync failed kind=(\w+)")
-LOG_UNRECORDED = re.compile(r"sync failed \((\w+)\) and could not be recorded")
+LOG_DEFERRED = re.compile(r"instance (\d+): sync failed \((\w+)\) and could not be recorded yet")
+LOG_WRITTEN_LATER = re.compile(r"wrote (\d+) failed ticks kept while the database")
+LOG_DROPPED = re.compile(r"\((\d+) older ones were dropped")
 
 
 @dataclass
@@ -93,7 +96,7 @@ class Sample:
     fds: int
     connections: int | None
     cpu_seconds: float
-    sync_runs: int
+    sync_runs: int | None  # None while the database is down
     requests: int
 
 
@@ -153,6 +156,29 @@ class Injector(threading.Thread):
                     name, fault = self.rnd.choice(FAULTS)
                     self.sim.set_fault(iid, Fault(**{**asdict(fault), "times": 1}))
                     self.injected[name] += 1
+
+
+class Outages(threading.Thread):
+    """Stops the private PostgreSQL server ``count`` times, evenly spread over the run, for
+    ``seconds`` each (``pg_ctl stop -m fast``: every connection closed), then starts it."""
+
+    def __init__(self, server: Any, count: int, seconds: float, duration: float) -> None:
+        super().__init__(name="pg-outages", daemon=True)
+        self.server, self.count, self.seconds, self.duration = server, count, seconds, duration
+        self.stop = threading.Event()
+        self.done: list[tuple[float, float]] = []  # (down at, up at), time.time()
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        for k in range(self.count):
+            at = self.duration * (k + 1) / (self.count + 1)
+            if self.stop.wait(max(0.0, at - (time.monotonic() - t0))):
+                return
+            down = time.time()
+            self.server.stop()
+            self.stop.wait(self.seconds)
+            self.server.start()
+            self.done.append((down, time.time()))
 
 
 def window(samples: list[Sample], start: float, end: float) -> list[Sample]:
@@ -228,16 +254,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rss-growth-mb", type=float, default=30.0)
     p.add_argument("--max-thread-growth", type=int, default=4)
     p.add_argument("--max-fd-growth", type=int, default=8)
+    p.add_argument(
+        "--pg-outages",
+        type=int,
+        default=0,
+        help="run PostgreSQL privately (initdb on a free port) and stop it this many times",
+    )
+    p.add_argument("--pg-outage-seconds", type=float, default=10.0)
     args = p.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="etl-soak-"))
     url = args.database_url or f"sqlite:///{tmp / 'soak.db'}"
     drop = None
-    if args.create_database:
+    server = None
+    if args.pg_outages:
+        from tests.pgserver import PrivatePostgres, unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            raise SystemExit(f"--pg-outages needs a private PostgreSQL server: {reason}")
+        server = PrivatePostgres()
+        server.start()
+        url = server.url
+    elif args.create_database:
         url, drop = create_database(url)
     # reads only, and never the project's BEGIN IMMEDIATE on SQLite (that would take the
     # write lock from the daemon at every sample)
-    engine = create_engine(normalise_url(url))
+    engine = create_engine(normalise_url(url), pool_pre_ping=True)
+    outages = None
     pg = engine.dialect.name == "postgresql"
     log_path = args.log or tmp / "daemon.log"
     problems: list[str] = []
@@ -274,20 +318,29 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 injector = Injector(sim, args.fault_rate, args.interval, args.seed)
                 injector.start()
+                if server is not None:
+                    outages = Outages(
+                        server, args.pg_outages, args.pg_outage_seconds, args.duration
+                    )
+                    outages.start()
                 t0 = time.monotonic()
                 try:
-                    with engine.connect() as watch:
-                        while (now := time.monotonic() - t0) < args.duration:
-                            if daemon.poll() is not None:
-                                problems.append(f"daemon exited early ({daemon.returncode})")
-                                break
-                            samples.append(sample(daemon.pid, watch, pg, sim, now))
-                            time.sleep(min(args.sample_every, max(0.0, args.duration - now + 0.01)))
-                        if daemon.poll() is None:
-                            samples.append(sample(daemon.pid, watch, pg, sim, args.duration))
+                    while (now := time.monotonic() - t0) < args.duration:
+                        if daemon.poll() is not None:
+                            problems.append(f"daemon exited early ({daemon.returncode})")
+                            break
+                        samples.append(sample(daemon.pid, engine, pg, sim, now))
+                        time.sleep(min(args.sample_every, max(0.0, args.duration - now + 0.01)))
+                    if daemon.poll() is None:
+                        samples.append(sample(daemon.pid, engine, pg, sim, args.duration))
                 finally:
                     injector.stop.set()
                     injector.join()
+                    if outages is not None:
+                        outages.stop.set()
+                        outages.join()
+                        if server is not None and not (server.data / "postmaster.pid").exists():
+                            server.start()
                     for iid in sim.instance_ids:
                         sim.set_fault(iid, None)
                     if daemon.poll() is None:
@@ -301,10 +354,14 @@ def main(argv: list[str] | None = None) -> int:
             if rc != 0:
                 problems.append(f"daemon exit status {rc}")
             summary = summarise(args, engine, sim, samples, injector, log_path, problems)
+            if outages is not None:
+                summary["pg_outages"] = outage_report(engine, sim, outages, args, problems)
     finally:
         engine.dispose()
         if drop is not None:
             drop()
+        if server is not None:
+            server.close()
     if args.csv:
         with args.csv.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(asdict(samples[0])) if samples else [])
@@ -316,20 +373,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if not problems else 1
 
 
-def sample(pid: int, conn: Any, pg: bool, sim: Simulator, t: float) -> Sample:
+def sample(pid: int, engine: Engine, pg: bool, sim: Simulator, t: float) -> Sample:
     status = proc_status(pid)
-    connections = None
-    if pg:
-        connections = int(
-            conn.execute(
-                text(
-                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND pid <> pg_backend_pid()"
+    connections = runs = None
+    try:
+        with engine.connect() as conn:
+            if pg:
+                connections = int(
+                    conn.execute(
+                        text(
+                            "SELECT COUNT(*) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                        )
+                    ).scalar_one()
                 )
-            ).scalar_one()
-        )
-    runs = int(conn.execute(text("SELECT COUNT(*) FROM sync_runs")).scalar_one())
-    conn.rollback()  # no snapshot held between samples
+            runs = int(conn.execute(text("SELECT COUNT(*) FROM sync_runs")).scalar_one())
+    except SQLAlchemyError:  # the database is down (--pg-outages): no database figures
+        pass
     return Sample(
         t=round(t, 1),
         rss_kb=int(status["VmRSS"].split()[0]),
@@ -354,7 +414,9 @@ def summarise(
     log = log_path.read_text(encoding="utf-8", errors="replace")
     logged_ok = Counter(m.group(2) for m in LOG_OK.finditer(log))
     logged_failed = Counter(m.group(2) for m in LOG_FAILED.finditer(log))
-    unrecorded = Counter(m.group(1) for m in LOG_UNRECORDED.finditer(log))
+    deferred = Counter(m.group(2) for m in LOG_DEFERRED.finditer(log))
+    written_later = sum(int(m.group(1)) for m in LOG_WRITTEN_LATER.finditer(log))
+    dropped = sum(int(m.group(1)) for m in LOG_DROPPED.finditer(log))
     skipped_busy = log.count("maximum number of running instances reached")
     missed = log.count("was missed by")
     with engine.connect() as conn:
@@ -387,13 +449,19 @@ def summarise(
     logged = {
         "ok": logged_ok.get("ok", 0),
         "anomaly": logged_ok.get("anomaly", 0),
-        "failed": sum(logged_failed.values()),
+        # written at once, plus those kept while the database was down and written later
+        "failed": sum(logged_failed.values()) + sum(deferred.values()),
     }
     recorded = {k: int(by_status.get(k, 0)) for k in ("ok", "anomaly", "failed")}
     if logged != recorded:
         problems.append(f"ticks logged {logged} != sync_runs rows {recorded}")
-    if unrecorded:
-        problems.append(f"ticks that could not be recorded: {dict(unrecorded)}")
+    if sum(deferred.values()) != written_later + dropped:
+        problems.append(
+            f"{sum(deferred.values())} ticks kept while the database was down, "
+            f"{written_later} written later, {dropped} dropped"
+        )
+    if dropped:
+        problems.append(f"{dropped} failed ticks dropped (over the in-memory limit)")
     if requests != attempts:
         problems.append(f"simulator received {requests} requests, sync_runs record {attempts}")
     if "Traceback" in log:
@@ -459,6 +527,8 @@ def summarise(
         "sync_runs_by_status": recorded,
         "failed_by_kind": by_kind,
         "ticks_logged": logged,
+        "ticks_kept_while_database_down": dict(deferred),
+        "ticks_written_after_database_returned": written_later,
         "ticks_per_instance_min": min(per_instance) if per_instance else 0,
         "ticks_per_instance_max": max(per_instance) if per_instance else 0,
         "scheduler_skipped_busy": skipped_busy,
@@ -472,6 +542,61 @@ def summarise(
         "samples": len(samples),
         "resources": resources,
     }
+
+
+def outage_report(
+    engine: Engine,
+    sim: Simulator,
+    outages: Outages,
+    args: argparse.Namespace,
+    problems: list[str],
+) -> list[dict[str, Any]]:
+    """Per outage: failed ticks recorded for it, and how long after the server came back
+    each instance synced again (the API called and the outcome written; within about one
+    interval)."""
+    report = []
+    with engine.connect() as conn:
+        for down, up in outages.done:
+            lost = conn.execute(
+                text(
+                    "SELECT error_kind, COUNT(*) FROM sync_runs WHERE status = 'failed' "
+                    "AND started_at >= :a AND started_at < :b GROUP BY error_kind"
+                ),
+                {"a": _ts(down), "b": _ts(up)},
+            ).all()
+            first_ok = conn.execute(
+                text(
+                    "SELECT instance_id, MIN(started_at) FROM sync_runs "
+                    "WHERE started_at >= :b AND error_kind IS DISTINCT FROM 'database' "
+                    "GROUP BY instance_id"
+                ),
+                {"b": _ts(up)},
+            ).all()
+            resume = [r[1].timestamp() - up for r in first_ok]
+            entry = {
+                "down_s": round(up - down, 1),
+                "failed_recorded_during": {k: int(n) for k, n in lost},
+                "instances_resumed": len(first_ok),
+                "resume_after_start_s_median": round(statistics.median(resume), 2)
+                if resume
+                else None,
+                "resume_after_start_s_max": round(max(resume), 2) if resume else None,
+            }
+            report.append(entry)
+            # (an instance backing off after an injected 401 may come back later, by design)
+            if len(first_ok) < len(sim.instance_ids):
+                problems.append(f"outage at {down:.0f}: not every instance synced again")
+            elif statistics.median(resume) > args.interval + 1.0:
+                problems.append(f"outage at {down:.0f}: resumed only after {max(resume):.1f} s")
+    if len(outages.done) < args.pg_outages:
+        problems.append(f"only {len(outages.done)} of {args.pg_outages} outages happened")
+    return report
+
+
+def _ts(unix: float) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(unix, UTC)
 
 
 if __name__ == "__main__":
