@@ -7,7 +7,8 @@ reason and the rest are kept.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,6 +46,19 @@ class DecodedChats:
     chats: list[ChatRecord]
     rejected: list[Rejected]
     received: int
+    #: ids of elements skipped as identical to ``known`` (valid, not duplicates); their
+    #: records are not in ``chats``
+    unchanged: list[str] = field(default_factory=list)
+    #: raw-element hash per chat id of every accepted element whose raw id is already the
+    #: normalised one (the ``known`` of the next decode); None unless asked for
+    raw_hashes: dict[str, int] | None = None
+
+    @property
+    def ids(self) -> set[str]:
+        """Every accepted chat id, decoded or skipped as unchanged."""
+        out = {c.chat_id for c in self.chats}
+        out.update(self.unchanged)
+        return out
 
 
 class _Bad(Exception):
@@ -141,8 +155,22 @@ def _readable_id(item: object) -> str | None:
         return None
 
 
-def decode_chats(body: bytes | str) -> DecodedChats:
-    """Decode a getChats body. Raises PayloadError when it is not a JSON array."""
+def raw_hash(item: dict[str, Any]) -> int:
+    """Hash of one raw element, keys, values and value types (``1``, ``1.0`` and ``true``
+    hash alike in Python). Raises TypeError for nested (unhashable) values."""
+    return hash((tuple(item.items()), tuple(map(type, item.values()))))
+
+
+def decode_chats(
+    body: bytes | str, *, known: Mapping[str, int] | None = None, track: bool = False
+) -> DecodedChats:
+    """Decode a getChats body. Raises PayloadError when it is not a JSON array.
+
+    ``track``: also return ``raw_hashes``. ``known``: the ``raw_hashes`` of the last list
+    applied; an element identical to its entry there decodes to the same record as then,
+    so it is only listed in ``unchanged`` (in a steady fleet ~99% of the elements; skipping
+    their validation cut the db pass's decoding from ~29% to ~8% of its CPU).
+    """
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -152,7 +180,27 @@ def decode_chats(body: bytes | str) -> DecodedChats:
     chats: list[ChatRecord] = []
     rejected: list[Rejected] = []
     seen: set[str] = set()
+    unchanged: list[str] = []
+    hashes: dict[str, int] | None = {} if (track or known is not None) else None
     for index, item in enumerate(data):
+        h = None
+        if hashes is not None and type(item) is dict:
+            try:
+                h = raw_hash(item)
+            except TypeError:
+                pass
+            else:
+                rid = item.get("id")
+                if (
+                    known is not None
+                    and type(rid) is str
+                    and rid not in seen
+                    and known.get(rid) == h
+                ):
+                    seen.add(rid)
+                    unchanged.append(rid)
+                    hashes[rid] = h
+                    continue
         try:
             chat = decode_chat(item)
         except _Bad as exc:
@@ -163,4 +211,12 @@ def decode_chats(body: bytes | str) -> DecodedChats:
             continue
         seen.add(chat.chat_id)
         chats.append(chat)
-    return DecodedChats(chats=chats, rejected=rejected, received=len(data))
+        if h is not None and hashes is not None and item.get("id") == chat.chat_id:
+            hashes[chat.chat_id] = h
+    return DecodedChats(
+        chats=chats,
+        rejected=rejected,
+        received=len(data),
+        unchanged=unchanged,
+        raw_hashes=hashes,
+    )

@@ -343,7 +343,10 @@ class Syncer:
             fetched = self.client.get_chats(instance)
             outcome.attempts = fetched.attempts
             outcome.http_status = fetched.http_status
-            decoded = decode_chats(fetched.body)
+            # elements identical to the last list this process applied skip validation
+            decoded_with = self._snapshots.get(instance.id_instance)
+            known = decoded_with.raw if decoded_with is not None else None
+            decoded = decode_chats(fetched.body, known=known, track=True)
         except SyncError as exc:
             outcome.status = "failed"
             outcome.error_kind = exc.error_kind
@@ -358,7 +361,9 @@ class Syncer:
         try:
             with self.engine.begin() as conn:
                 run_id = lock_instance(conn, instance.id_instance)
-                after_commit = self._apply(conn, instance, decoded, outcome, t0, run_id)
+                after_commit = self._apply(
+                    conn, instance, decoded, outcome, t0, run_id, fetched.body, decoded_with
+                )
             after_commit()
         except SQLAlchemyError as exc:
             self.forget_snapshot(instance.id_instance)
@@ -504,6 +509,8 @@ class Syncer:
         outcome: SyncOutcome,
         t0: float,
         run_id: int | None,
+        body: bytes,
+        decoded_with: _Snapshot | None,
     ) -> Callable[[], None]:
         """Write one tick; returns what to do once the transaction has committed."""
         iid = instance.id_instance
@@ -515,8 +522,11 @@ class Syncer:
         snap = self._snapshots.get(iid)
         if snap is None or snap.version != version - 1:
             snap = self._load_snapshot(conn, iid)
+        if decoded.unchanged and snap is not decoded_with:
+            # somebody else wrote since: "unchanged" was judged against a stale snapshot
+            decoded = decode_chats(body, track=True)
         present = snap.fingerprints.keys() - snap.removed
-        incoming = {c.chat_id for c in decoded.chats}
+        incoming = decoded.ids
 
         # A list is complete unless `count` limited it or an element we could not
         # identify was rejected (that chat may be one of the "missing" ones).
@@ -610,6 +620,7 @@ class Syncer:
                 fingerprints[values["chat_id"]] = _row_fingerprint(values)
                 snap.removed.discard(values["chat_id"])
             snap.removed.update(vanished)
+            snap.raw = decoded.raw_hashes or {}
             self._keep_snapshot(iid, snap, version)
 
         return commit_snapshot
@@ -638,7 +649,7 @@ class Syncer:
 
     @staticmethod
     def _load_snapshot(conn: Connection, iid: int) -> _Snapshot:
-        snap = _Snapshot(version=0, fingerprints={}, removed=set())
+        snap = _Snapshot(version=0, fingerprints={}, removed=set(), raw={})
         q = select(
             chats_t.c.chat_id,
             chats_t.c.chat_type,
@@ -908,6 +919,9 @@ class _Snapshot:
     version: int
     fingerprints: dict[str, int]
     removed: set[str]
+    #: ``DecodedChats.raw_hashes`` of the last list applied: its unchanged elements are
+    #: not decoded again
+    raw: dict[str, int]
 
 
 def _fingerprint(

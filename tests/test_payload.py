@@ -477,3 +477,84 @@ def test_any_json_list_with_noise_never_raises_other_errors(items: list[Any], cu
         except PayloadError:
             continue
         assert len(out.chats) + len(out.rejected) == out.received
+
+
+# -- skipping elements identical to the last list applied -----------------------------------
+
+
+def _by_id(out: DecodedChats) -> dict[str, ChatRecord]:
+    return {c.chat_id: c for c in out.chats}
+
+
+def _assert_fast_equals_full(before: list[Any], after: list[Any]) -> DecodedChats:
+    """Decoding ``after`` against ``before``'s raw hashes means the same as decoding it in
+    full: same counts and rejections, same ids, the skipped ones as they were before."""
+    prev = decode_chats(json.dumps(before, ensure_ascii=False).encode(), track=True)
+    assert prev.raw_hashes is not None
+    body = json.dumps(after, ensure_ascii=False).encode()
+    full = decode_chats(body)
+    fast = decode_chats(body, known=prev.raw_hashes)
+    assert fast.received == full.received
+    assert fast.rejected == full.rejected
+    assert fast.ids == {c.chat_id for c in full.chats}
+    assert len(fast.chats) + len(fast.unchanged) + len(fast.rejected) == fast.received
+    whole = _by_id(full)
+    for c in fast.chats:
+        assert whole[c.chat_id] == c
+    for cid in fast.unchanged:
+        assert whole[cid] == _by_id(prev)[cid]
+    return fast
+
+
+def test_identical_elements_are_skipped_and_changed_ones_decoded() -> None:
+    a = chat("1@c.us", name="A", expiration=86400, stamp=1_700_000_000)
+    b = chat("2@c.us", name="B")
+    fast = _assert_fast_equals_full([a, b], [dict(a), dict(b, name="B2"), chat("3@c.us")])
+    assert fast.unchanged == ["1@c.us"]
+    assert [c.chat_id for c in fast.chats] == ["2@c.us", "3@c.us"]
+
+
+@pytest.mark.parametrize(
+    ("key", "before", "after"),
+    [
+        pytest.param("archive", True, 1, id="true-then-1"),
+        pytest.param("archive", False, 0, id="false-then-0"),
+        pytest.param("ephemeralExpiration", 86400, 86400.0, id="int-then-float"),
+        pytest.param("ephemeralExpiration", 1, True, id="1-then-true"),
+        pytest.param("name", "x", ["x"], id="then-a-list"),
+    ],
+)
+def test_a_value_of_another_type_is_never_taken_as_unchanged(
+    key: str, before: Any, after: Any
+) -> None:
+    """``1 == True == 1.0`` and they hash alike in Python; the raw hash includes the types."""
+    old = chat("1@c.us") | {key: before}
+    fast = _assert_fast_equals_full([old], [old | {key: after}])
+    assert fast.unchanged == []
+
+
+def test_duplicates_raw_ids_needing_normalisation_and_nested_values_are_decoded() -> None:
+    a = chat("1@c.us")
+    digits = chat("79001234567")  # normalised to 79001234567@c.us: never skipped
+    nested = chat("3@c.us") | {"extra": {"a": 1}}  # unhashable: never skipped
+    before = [a, digits, nested]
+    fast = _assert_fast_equals_full(before, [a, dict(a), digits, nested])
+    assert fast.unchanged == ["1@c.us"]
+    assert [r.reason for r in fast.rejected] == ["duplicate id '1@c.us'"]
+    assert {c.chat_id for c in fast.chats} == {"79001234567@c.us", "3@c.us"}
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(st.data())
+def test_decoding_against_the_last_list_means_the_same_as_decoding_in_full(
+    data: st.DataObject,
+) -> None:
+    before = data.draw(st.lists(chat_like | json_values, max_size=6), label="before")
+    reuse = st.sampled_from(before) if before else chat_like
+    after = data.draw(st.lists(reuse | chat_like, max_size=8), label="after")
+    _assert_fast_equals_full(before, after)

@@ -573,3 +573,29 @@ def test_first_load_in_bulk_keeps_every_byte_of_hostile_names(sim, engine, csync
     # and the next identical tick sees nothing to do (the bulk path stored what it read)
     out = csyncer.sync(inst)
     assert (out.chats_inserted, out.chats_updated, out.ephemeral_changes) == (0, 0, 0)
+
+
+def test_elements_skipped_as_unchanged_are_rechecked_after_another_writer(
+    sim, engine, fast_client, inst, clock
+):
+    """A skips an element identical to the last list *it* applied; when B wrote in between,
+    A's memory is stale and the element must be decoded and applied after all."""
+    a = Syncer(engine, fast_client, clock=clock)
+    b = Syncer(engine, fast_client, clock=clock)
+    original = chats_list(100)
+    sim.set_chats(inst.id_instance, original)
+    assert a.sync(inst).chats_inserted == 100
+    renamed = [dict(c, name="renamed by B") if i < 10 else c for i, c in enumerate(original)]
+    clock.advance(60)
+    sim.set_chats(inst.id_instance, renamed)
+    assert b.sync(inst).chats_updated == 10
+    clock.advance(60)
+    sim.set_chats(inst.id_instance, original)  # byte-identical to what A applied last
+    out = a.sync(inst)
+    assert (out.status, out.chats_updated) == ("ok", 10)
+    names = dict(rows(engine, "SELECT chat_id, name FROM chats"))
+    assert names == {c["id"]: c["name"] for c in original}
+    # and with nobody else writing, A's next identical tick skips them all again
+    clock.advance(60)
+    out = a.sync(inst)
+    assert (out.chats_updated, out.chats_inserted, out.chats_received) == (0, 0, 100)
