@@ -122,11 +122,15 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
 
 def insert_for(conn: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:
     """A dialect insert that supports ON CONFLICT (PostgreSQL and SQLite)."""
-    if conn.dialect.name == "postgresql":
+    return dialect_insert(conn.dialect.name, table)
+
+
+def dialect_insert(dialect: str, table: Table) -> postgresql.Insert | sqlite.Insert:
+    if dialect == "postgresql":
         return postgresql.insert(table)
-    if conn.dialect.name == "sqlite":
+    if dialect == "sqlite":
         return sqlite.insert(table)
-    raise NotImplementedError(f"unsupported database: {conn.dialect.name}")
+    raise NotImplementedError(f"unsupported database: {dialect}")
 
 
 #: from this many rows on, plain inserts on PostgreSQL go through COPY: an instance's first
