@@ -158,6 +158,25 @@ def pg_insert_sql(table: str, columns: tuple[str, ...], suffix: str = "") -> str
     return f'INSERT INTO "{table}" ({names}) VALUES ({values}){suffix}'  # noqa: S608
 
 
+@functools.lru_cache(maxsize=512)
+def pg_values_sql(table: str, columns: tuple[str, ...], rows: int, suffix: str = "") -> str:
+    """``INSERT INTO table (columns) VALUES (%s, ...), ... suffix``: ``rows`` rows in one
+    statement (one round trip, no executemany pipeline: ~3x less CPU for a handful)."""
+    names = ", ".join(f'"{c}"' for c in columns)
+    row = "(" + ", ".join(["%s"] * len(columns)) + ")"
+    # names are this schema's own (never data); values go as bind parameters
+    return f'INSERT INTO "{table}" ({names}) VALUES {", ".join([row] * rows)}{suffix}'  # noqa: S608
+
+
+def pg_insert_rows(
+    conn: Connection, table: str, rows: Sequence[Mapping[str, Any]], suffix: str = ""
+) -> None:
+    """INSERT a few rows (same keys) in one driver statement."""
+    columns = tuple(rows[0])
+    params = [row[c] for row in rows for c in columns]
+    conn.exec_driver_sql(pg_values_sql(table, columns, len(rows), suffix), tuple(params))
+
+
 def bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
     """INSERT ``rows`` (all with the same keys): COPY on PostgreSQL when there are many."""
     if not rows:
@@ -166,7 +185,7 @@ def bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
         conn.execute(table.insert(), list(rows))
         return
     if len(rows) < COPY_MIN_ROWS:
-        conn.exec_driver_sql(pg_insert_sql(table.name, tuple(rows[0])), list(rows))
+        pg_insert_rows(conn, table.name, rows)
         return
     columns = list(rows[0])
     raw = cast("psycopg.Connection[Any]", conn.connection.dbapi_connection)

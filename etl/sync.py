@@ -26,7 +26,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from etl.client import GreenApiClient
 from etl.config import Instance
-from etl.db import bulk_insert, dialect_insert, lock_instance, lock_registry, pg_insert_sql
+from etl.db import (
+    bulk_insert,
+    dialect_insert,
+    lock_instance,
+    lock_registry,
+    pg_insert_rows,
+    pg_insert_sql,
+)
 from etl.errors import SyncError
 from etl.models import Chat as ChatModel
 from etl.models import ChatEphemeralHistory, ChatEvent, InstanceRow, InstanceSyncState, SyncRun
@@ -350,8 +357,9 @@ WHERE instance_id = %(iid)s AND chat_id = ANY(%(ids)s)
 """
 
 _PG_CLOSE_HISTORY = """
-UPDATE chat_ephemeral_history SET valid_to = %(b_valid_to)s
-WHERE instance_id = %(b_iid)s AND chat_id = %(b_chat_id)s AND valid_to IS NULL
+UPDATE chat_ephemeral_history AS h SET valid_to = v.valid_to
+FROM (VALUES {rows}) AS v (chat_id, valid_to)
+WHERE h.instance_id = %s AND h.chat_id = v.chat_id AND h.valid_to IS NULL
 """
 
 
@@ -835,8 +843,8 @@ class Syncer:
         bulk_insert(conn, chats_t, inserts)
         stmts = _statements(conn.dialect.name)
         if upserts and stmts.pg:
-            sql = pg_insert_sql("chats", tuple(upserts[0]), _PG_UPSERT_CHATS_SUFFIX)
-            conn.exec_driver_sql(sql, upserts)
+            for i in range(0, len(upserts), 1000):
+                pg_insert_rows(conn, "chats", upserts[i : i + 1000], _PG_UPSERT_CHATS_SUFFIX)
         elif upserts:
             conn.execute(stmts.upsert_chats, upserts)
         ids = sorted(vanished)
@@ -999,7 +1007,12 @@ class Syncer:
         if closes:
             stmts = _statements(conn.dialect.name)
             if stmts.pg:
-                conn.exec_driver_sql(_PG_CLOSE_HISTORY, closes)
+                for i in range(0, len(closes), 1000):
+                    part = closes[i : i + 1000]
+                    values = ", ".join(["(%s, %s::timestamptz)"] * len(part))
+                    params = [v for c in part for v in (c["b_chat_id"], c["b_valid_to"])]
+                    sql = _PG_CLOSE_HISTORY.format(rows=values)
+                    conn.exec_driver_sql(sql, (*params, iid))
             else:
                 conn.execute(stmts.close_history, closes)
         bulk_insert(conn, history_t, rows)
