@@ -156,9 +156,25 @@ def _readable_id(item: object) -> str | None:
 
 
 def raw_hash(item: dict[str, Any]) -> int:
-    """Hash of one raw element, keys, values and value types (``1``, ``1.0`` and ``true``
-    hash alike in Python). Raises TypeError for nested (unhashable) values."""
-    return hash((tuple(item.items()), tuple(map(type, item.values()))))
+    """Hash of one raw element's keys and values. Raises TypeError for nested values.
+
+    ``1``, ``1.0`` and ``true`` are equal and hash alike in Python: a match must also pass
+    ``_same_types`` before the element counts as unchanged.
+    """
+    return hash(tuple(item.items()))
+
+
+def _same_types(item: dict[str, Any]) -> bool:
+    """The typed fields hold the types an accepted element had (only bool/int/float can be
+    equal across types; strings never equal numbers)."""
+    archived = item.get("archive")
+    expiration = item.get("ephemeralExpiration")
+    stamp = item.get("ephemeralSettingTimestamp")
+    return (
+        (archived is None or type(archived) is bool)
+        and (expiration is None or type(expiration) is int)
+        and (stamp is None or type(stamp) is int)
+    )
 
 
 def decode_chats(
@@ -196,6 +212,7 @@ def decode_chats(
                     and type(rid) is str
                     and rid not in seen
                     and known.get(rid) == h
+                    and _same_types(item)
                 ):
                     seen.add(rid)
                     unchanged.append(rid)
