@@ -16,6 +16,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from etl.errors import DatabaseNotReady
 
@@ -55,6 +56,15 @@ READ_ONLY = "etl_read_only"
 
 
 def _sqlite_begin(conn: Connection) -> None:
+    try:
+        _sqlite_begin_raw(conn)
+    except sqlite3.Error as exc:
+        # raised from an event hook, outside SQLAlchemy's own error handling: wrap it like
+        # any statement's error, so that a broken file fails the tick as `database`
+        raise DBAPIError.instance("BEGIN IMMEDIATE", None, exc, sqlite3.Error) from exc
+
+
+def _sqlite_begin_raw(conn: Connection) -> None:
     # Take the write lock at BEGIN: two writers then queue on busy_timeout instead of
     # failing with "database is locked" when a read transaction tries to upgrade.
     if conn.get_execution_options().get(READ_ONLY):
@@ -190,9 +200,21 @@ def bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
     columns = list(rows[0])
     raw = cast("psycopg.Connection[Any]", conn.connection.dbapi_connection)
     names = ", ".join(f'"{c}"' for c in columns)
-    with raw.cursor() as cur, cur.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
-        for row in rows:
-            copy.write_row([row[c] for c in columns])
+    sql = f'COPY "{table.name}" ({names}) FROM STDIN'
+    try:
+        with raw.cursor() as cur, cur.copy(sql) as copy:
+            for row in rows:
+                copy.write_row([row[c] for c in columns])
+    except Exception as exc:
+        # COPY bypasses SQLAlchemy, so its driver errors arrive raw: wrap them like every
+        # other statement's, so that the caller's SQLAlchemyError handling (a failed tick
+        # recorded as `database`, the connection invalidated if it is gone) applies
+        dbapi = conn.dialect.loaded_dbapi
+        if isinstance(exc, dbapi.Error):
+            raise DBAPIError.instance(
+                sql, None, exc, dbapi.Error, connection_invalidated=raw.closed
+            ) from exc
+        raise
     for listener in copy_listeners:
         listener(table.name, len(rows))
 

@@ -940,3 +940,30 @@ def test_postgresql_server_stopped_and_started(private_pg: PrivatePostgres, tmp_
         print(f"resumed after pg_ctl start (s): {resumed}")
     finally:
         engine.dispose()
+
+
+def test_a_sqlite_file_that_turns_to_garbage_fails_ticks_without_a_crash(
+    sqlite_file: tuple[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database file is overwritten under a running syncer: each tick is a `database`
+    failure (logged, kept for later), never an unexpected exception."""
+    caplog.set_level(logging.INFO, logger="etl")
+    db_url, path = sqlite_file
+    engine = make_engine(db_url)
+    with Simulator(instances=1, chats=20, seed=5) as sim:
+        inst = make_instance(sim, sim.instance_ids[0])
+        register_instances(engine, [inst])
+        client = GreenApiClient()
+        syncer = Syncer(engine, client)
+        assert syncer.sync(inst).status == "ok"
+        engine.dispose()  # the next tick opens the file afresh
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        path.write_bytes(b"this is not a database" * 1000)
+        outs = [syncer.sync(inst) for _ in range(2)]
+        client.close()
+    assert [(o.status, o.error_kind) for o in outs] == [("failed", "database")] * 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("could not be recorded yet" in m for m in messages) == 2, messages
+    assert not any("unexpected" in m for m in messages)
+    engine.dispose()

@@ -599,3 +599,42 @@ def test_elements_skipped_as_unchanged_are_rechecked_after_another_writer(
     clock.advance(60)
     out = a.sync(inst)
     assert (out.chats_updated, out.chats_inserted, out.chats_received) == (0, 0, 100)
+
+
+def test_a_write_that_the_database_rejects_fails_the_tick_cleanly(sim, engine, csyncer, inst):
+    """A first load (COPY on PostgreSQL, which bypasses SQLAlchemy) rejected by the
+    database: the tick is a recorded `database` failure, nothing is half-written, and the
+    next tick loads everything."""
+    if engine.dialect.name == "postgresql":
+        ddl = [
+            "CREATE FUNCTION boom() RETURNS trigger AS $$ BEGIN IF NEW.name = 'boom' THEN "
+            "RAISE EXCEPTION 'rejected by a trigger'; END IF; RETURN NEW; END $$ "
+            "LANGUAGE plpgsql",
+            "CREATE TRIGGER boom BEFORE INSERT ON chats FOR EACH ROW EXECUTE FUNCTION boom()",
+        ]
+        undo = ["DROP TRIGGER boom ON chats", "DROP FUNCTION boom()"]
+    else:
+        ddl = [
+            "CREATE TRIGGER boom BEFORE INSERT ON chats WHEN NEW.name = 'boom' "
+            "BEGIN SELECT RAISE(ABORT, 'rejected by a trigger'); END"
+        ]
+        undo = ["DROP TRIGGER boom"]
+    with engine.begin() as conn:
+        for sql in ddl:
+            conn.exec_driver_sql(sql)
+    chats = chats_list(100)
+    chats[70]["name"] = "boom"
+    sim.set_chats(inst.id_instance, chats)
+    out = csyncer.sync(inst)
+    assert (out.status, out.error_kind) == ("failed", "database"), out
+    assert "rejected by a trigger" in (out.error or "")
+    run = rows(engine, "SELECT status, error_kind FROM sync_runs")
+    assert [tuple(r) for r in run] == [("failed", "database")]
+    assert scalar(engine, "SELECT COUNT(*) FROM chats") == 0
+    assert scalar(engine, "SELECT COUNT(*) FROM chat_ephemeral_history") == 0
+    with engine.begin() as conn:
+        for sql in undo:
+            conn.exec_driver_sql(sql)
+    out = csyncer.sync(inst)
+    assert (out.status, out.chats_inserted) == ("ok", 100)
+    check_history_invariants(engine)
