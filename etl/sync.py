@@ -32,7 +32,6 @@ from etl.db import (
     lock_instance,
     lock_registry,
     pg_insert_rows,
-    pg_insert_sql,
 )
 from etl.errors import SyncError
 from etl.models import Chat as ChatModel
@@ -238,6 +237,18 @@ def register_instances(
             )
 
 
+#: the columns a re-seen chat's upsert overwrites (``first_seen_at`` is kept)
+_UPSERT_UPDATES = (
+    "chat_type",
+    "name",
+    "archived",
+    "ephemeral_expiration",
+    "ephemeral_setting_at",
+    "updated_at",
+    "removed_at",
+)
+
+
 class _Statements:
     """The tick's statements, built once per dialect: building and hashing a statement
     (an upsert with seven ``excluded`` columns above all) on every execute was ~12% of a
@@ -285,18 +296,7 @@ class _Statements:
         upsert = dialect_insert(dialect, chats_t)
         self.upsert_chats = upsert.on_conflict_do_update(
             index_elements=[chats_t.c.instance_id, chats_t.c.chat_id],
-            set_={
-                c: upsert.excluded[c]
-                for c in (
-                    "chat_type",
-                    "name",
-                    "archived",
-                    "ephemeral_expiration",
-                    "ephemeral_setting_at",
-                    "updated_at",
-                    "removed_at",
-                )
-            },
+            set_={c: upsert.excluded[c] for c in _UPSERT_UPDATES},
         )
         self.mark_removed = (
             update(chats_t)
@@ -318,7 +318,7 @@ class _Statements:
             .values(valid_to=bindparam("b_valid_to"))
         )
         self.insert_run = insert(runs_t).returning(runs_t.c.id)
-        #: the same statements as PostgreSQL driver SQL (see ``etl.db.pg_insert_sql``)
+        #: PostgreSQL runs the same statements as driver SQL (see ``etl.db.pg_values_sql``)
         self.pg = dialect == "postgresql"
 
 
@@ -339,16 +339,7 @@ WHERE c.instance_id = %(iid)s AND c.chat_id = ANY(%(ids)s)
 """
 
 _PG_UPSERT_CHATS_SUFFIX = " ON CONFLICT (instance_id, chat_id) DO UPDATE SET " + ", ".join(
-    f"{c} = excluded.{c}"
-    for c in (
-        "chat_type",
-        "name",
-        "archived",
-        "ephemeral_expiration",
-        "ephemeral_setting_at",
-        "updated_at",
-        "removed_at",
-    )
+    f"{c} = excluded.{c}" for c in _UPSERT_UPDATES
 )
 
 _PG_MARK_REMOVED = """
@@ -824,8 +815,7 @@ class Syncer:
             values["id"] = run_id
         stmts = _statements(conn.dialect.name)
         if stmts.pg:
-            sql = pg_insert_sql("sync_runs", tuple(values), " RETURNING id")
-            result = conn.exec_driver_sql(sql, values)
+            result = pg_insert_rows(conn, "sync_runs", [values], " RETURNING id")
         else:
             result = conn.execute(stmts.insert_run, values)
         outcome.sync_run_id = int(result.scalar_one())
