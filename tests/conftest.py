@@ -114,6 +114,27 @@ def pg_template(pg_admin: Engine) -> Iterator[str]:
     drop()
 
 
+@pytest.fixture
+def pg_db(pg_admin: Engine, pg_template: str) -> Iterator[str]:
+    """The URL of a migrated PostgreSQL database of its own, dropped afterwards."""
+    url, drop = _new_pg_database(pg_admin, template=pg_template)
+    try:
+        yield url
+    finally:
+        drop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def migrated_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated database URL on each backend, for subprocesses (removed afterwards)."""
+    if request.param == "sqlite":
+        path = tmp_path / "migrated.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite:///{path}"
+        return
+    yield request.getfixturevalue("pg_db")
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """A migrated database of its own on each backend, removed after the test."""

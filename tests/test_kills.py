@@ -29,7 +29,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +37,6 @@ from sqlalchemy import Engine, text
 
 from etl.db import make_engine
 from etl.simulator import ChangeRates, Simulator
-from tests.conftest import _new_pg_database
 from tests.factories import check_history_invariants, rows, scalar
 from tests.test_faults import check_runs_consistent
 from tests.test_outages import Proc, child_env, final_pass_matches, write_config
@@ -140,36 +138,22 @@ class KillStats:
     check_seconds: float = 0.0
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def kill_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        import shutil
-
-        path = tmp_path / "kills.db"
-        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
-        yield f"sqlite:///{path}"
-        return
-    url, drop = _new_pg_database(
-        request.getfixturevalue("pg_admin"), template=request.getfixturevalue("pg_template")
-    )
-    yield url
-    drop()
-
-
 def _attempts(engine: Engine) -> int:
     return int(scalar(engine, "SELECT COALESCE(SUM(attempts), 0) FROM sync_runs"))
 
 
-def test_sigkill_at_random_points_keeps_the_invariants(kill_db: str, tmp_path: Path) -> None:
-    engine = make_engine(kill_db)
+def test_sigkill_at_random_points_keeps_the_invariants(
+    migrated_db_url: str, tmp_path: Path
+) -> None:
+    engine = make_engine(migrated_db_url)
     pg = engine.dialect.name == "postgresql"
-    rnd = random.Random(f"kills:{kill_db.split(':')[0]}")
+    rnd = random.Random(f"kills:{migrated_db_url.split(':')[0]}")
     stats = KillStats()
     zygote = None if EXEC else Zygote()
     try:
         with Simulator(instances=3, chats=400, seed=47, rates=RATES, tick_seconds=0.3) as sim:
             config = write_config(tmp_path / "etl.toml", sim, interval=1, workers=4)
-            args = ["--config", str(config), "--database-url", kill_db, "run"]
+            args = ["--config", str(config), "--database-url", migrated_db_url, "run"]
             t_start = time.monotonic()
             for k in range(KILLS):
                 requests0, attempts0 = sim.request_count(), _attempts(engine)
@@ -237,7 +221,7 @@ def test_sigkill_at_random_points_keeps_the_invariants(kill_db: str, tmp_path: P
             zygote.close()
         engine.dispose()
     print(
-        f"\n{kill_db.split(':')[0]}: {stats.kills} SIGKILLs in {stats.seconds:.1f}s "
+        f"\n{migrated_db_url.split(':')[0]}: {stats.kills} SIGKILLs in {stats.seconds:.1f}s "
         f"({'exec' if EXEC else 'zygote'}), {stats.during_sync} interrupted a sync in flight, "
         f"{stats.runs} sync_runs rows written between kills; checks took "
         f"{stats.check_seconds:.1f}s; non-ok: "

@@ -44,7 +44,7 @@ from etl.db import make_engine, upgrade
 from etl.scheduler import Daemon
 from etl.simulator import ChangeRates, Fault, Simulator
 from etl.sync import Syncer, register_instances
-from tests.conftest import _new_pg_database, make_instance
+from tests.conftest import make_instance
 from tests.factories import check_history_invariants, rows, scalar
 from tests.pgserver import PrivatePostgres, unavailable_reason
 from tests.test_faults import check_runs_consistent
@@ -138,6 +138,21 @@ def runs_of(engine: Engine, iid: int) -> list[Any]:
         "WHERE instance_id = :i ORDER BY started_at, id",
         i=iid,
     )
+
+
+def first_ok_after(engine: Engine, iids: list[int], since: float) -> dict[int, float]:
+    """Seconds from ``since`` to each instance's first ``ok`` run started at or after it
+    (instances without one yet are left out)."""
+    out = {}
+    for iid in iids:
+        after = [
+            as_unix(r.started_at)
+            for r in runs_of(engine, iid)
+            if r.status == "ok" and as_unix(r.started_at) >= since
+        ]
+        if after:
+            out[iid] = min(after) - since
+    return out
 
 
 def as_unix(value: Any) -> float:
@@ -288,13 +303,6 @@ class TcpProxy:
         self.cut()
 
 
-@pytest.fixture
-def pg_db(pg_admin: Engine, pg_template: str) -> Iterator[str]:
-    url, drop = _new_pg_database(pg_admin, template=pg_template)
-    yield url
-    drop()
-
-
 def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -353,14 +361,7 @@ def _pg_outage(pg_db: str, direct: Engine, tmp_path: Path) -> None:
             resumed: dict[int, float] = {}
 
             def all_resumed() -> bool:
-                for iid in sim.instance_ids:
-                    after = [
-                        as_unix(r.started_at)
-                        for r in runs_of(direct, iid)
-                        if r.status == "ok" and as_unix(r.started_at) >= restored_at
-                    ]
-                    if after:
-                        resumed[iid] = min(after) - restored_at
+                resumed.update(first_ok_after(direct, sim.instance_ids, restored_at))
                 return len(resumed) == len(sim.instance_ids)
 
             d.wait_until("every instance synced again", all_resumed, timeout=15)
@@ -608,19 +609,6 @@ def test_sqlite_locked_daemon_waits_with_the_default_busy_timeout(
 # -- two processes, same instance ----------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A migrated database URL on each backend (used by subprocesses)."""
-    if request.param == "sqlite":
-        import shutil
-
-        path = tmp_path / "shared.db"
-        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
-        yield f"sqlite:///{path}"
-        return
-    yield request.getfixturevalue("pg_db")
-
-
 def _hold_instance_lock(db_url: str, iid: int) -> Callable[[], None]:
     """PostgreSQL: hold the instance's advisory lock (the sync's lock_instance key)."""
     eng = create_engine(etl.db.normalise_url(db_url))
@@ -635,17 +623,21 @@ def _hold_instance_lock(db_url: str, iid: int) -> Callable[[], None]:
     return release
 
 
-def test_two_sync_once_at_the_same_moment(any_db: str, tmp_path: Path) -> None:
-    engine = make_engine(any_db)
+def test_two_sync_once_at_the_same_moment(migrated_db_url: str, tmp_path: Path) -> None:
+    engine = make_engine(migrated_db_url)
     with Simulator(instances=1, chats=400, seed=31) as sim:
         iid = sim.instance_ids[0]
         config = write_config(tmp_path / "etl.toml", sim, interval=60)
         # both fetches are in flight together, so both writes start together
         sim.set_fault(iid, Fault(delay=1.0, times=2))
-        release = _hold_instance_lock(any_db, iid) if engine.dialect.name == "postgresql" else None
+        release = (
+            _hold_instance_lock(migrated_db_url, iid)
+            if engine.dialect.name == "postgresql"
+            else None
+        )
         procs = [
             Proc(
-                ["--config", str(config), "--database-url", any_db, "sync", "--once"],
+                ["--config", str(config), "--database-url", migrated_db_url, "sync", "--once"],
                 tmp_path / f"once{n}.log",
                 tmp_path,
             )
@@ -719,12 +711,20 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_two_daemons_on_the_same_instances(any_db: str, tmp_path: Path) -> None:
-    engine = make_engine(any_db)
+def test_two_daemons_on_the_same_instances(migrated_db_url: str, tmp_path: Path) -> None:
+    engine = make_engine(migrated_db_url)
     pg = engine.dialect.name == "postgresql"
     with Simulator(instances=3, chats=80, seed=41, rates=BUSY, tick_seconds=0.5) as sim:
         config = write_config(tmp_path / "etl.toml", sim, interval=1)
-        args = ["--config", str(config), "--database-url", any_db, "--log-level", "DEBUG", "run"]
+        args = [
+            "--config",
+            str(config),
+            "--database-url",
+            migrated_db_url,
+            "--log-level",
+            "DEBUG",
+            "run",
+        ]
         daemons = [Proc(args, tmp_path / f"daemon{n}.log", tmp_path) for n in (1, 2)]
         try:
             for d in daemons:
@@ -897,14 +897,7 @@ def test_postgresql_server_stopped_and_started(private_pg: PrivatePostgres, tmp_
                 resumed: dict[int, float] = {}
 
                 def all_resumed() -> bool:
-                    for iid in sim.instance_ids:
-                        after = [
-                            as_unix(r.started_at)
-                            for r in runs_of(engine, iid)
-                            if r.status == "ok" and as_unix(r.started_at) >= started_at
-                        ]
-                        if after:
-                            resumed[iid] = min(after) - started_at
+                    resumed.update(first_ok_after(engine, sim.instance_ids, started_at))
                     return len(resumed) == len(sim.instance_ids)
 
                 d.wait_until("every instance synced again", all_resumed, timeout=15)
