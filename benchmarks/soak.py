@@ -42,6 +42,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -593,9 +594,7 @@ def outage_report(
     return report
 
 
-def _ts(unix: float) -> Any:
-    from datetime import UTC, datetime
-
+def _ts(unix: float) -> datetime:
     return datetime.fromtimestamp(unix, UTC)
 
 

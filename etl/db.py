@@ -131,12 +131,8 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
     )
 
 
-def insert_for(conn: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:
-    """A dialect insert that supports ON CONFLICT (PostgreSQL and SQLite)."""
-    return dialect_insert(conn.dialect.name, table)
-
-
 def dialect_insert(dialect: str, table: Table) -> postgresql.Insert | sqlite.Insert:
+    """A dialect insert that supports ON CONFLICT (PostgreSQL and SQLite)."""
     if dialect == "postgresql":
         return postgresql.insert(table)
     if dialect == "sqlite":
