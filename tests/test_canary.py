@@ -24,6 +24,7 @@ from etl.client import GreenApiClient
 from etl.config import load_config
 from etl.errors import ConfigError, EtlError
 from etl.payload import decode_chats
+from etl.redact import RedactingFilter, redact, register_secret
 from etl.simulator import Fault, Simulator
 from etl.sync import Syncer, register_instances
 from tests.conftest import CANARY, make_instance
@@ -507,3 +508,34 @@ def test_cli_sync_once_never_prints_the_token(tmp_path: Path) -> None:
         assert runs == len(CLI_FAULTS) + 2 + 2
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ["k9", "tok en-with space", "x" * 120, "tab\tinside"],
+    ids=["short", "space", "long", "tab"],
+)
+def test_redact_masks_secrets_of_any_length_or_shape_among_many(secret: str) -> None:
+    for n in range(300):  # a fleet's worth of tokens registered before this one
+        register_secret(f"fleet-token-{n:04d}-" + "a" * 30)
+    register_secret(secret)
+    for line in (
+        f"before {secret} after",
+        f"glued{secret}glued",
+        f"{secret}",
+        f"instance 1: ok received=500 x={secret}",
+    ):
+        masked = redact(line)
+        assert secret not in masked, line
+        assert "***" in masked
+    assert redact("fleet-token-0042-" + "a" * 30) == "***"
+    assert redact("nothing to hide here") == "nothing to hide here"
+
+
+def test_a_record_seen_by_logger_and_handler_filters_is_masked_once_and_stays_masked() -> None:
+    register_secret(CANARY)
+    f = RedactingFilter()
+    record = logging.LogRecord("etl.x", logging.INFO, __file__, 1, "got %s", (CANARY,), None)
+    assert f.filter(record) and f.filter(record)
+    assert CANARY not in record.getMessage()
+    assert record.getMessage() == "got ***"
