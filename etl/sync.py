@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -48,6 +48,12 @@ instances_t = cast(Table, InstanceRow.__table__)
 state_t = cast(Table, InstanceSyncState.__table__)
 events_t = cast(Table, ChatEvent.__table__)
 
+#: the most ticks written in one transaction (group commit; see ``Syncer._group_write``)
+GROUP_LIMIT = 32
+#: how many groups are written at once, so that the database works on several in
+#: parallel and a slow round trip does not stall every tick (1 writer: steady tick 1.9x
+#: the floor, cold 11.8x; 2 writers: 1.56x and 6.4x; 4: 1.55x and 6.4x, at 1,000 x 500)
+GROUP_WRITERS = 4
 #: how far in the future an API timestamp may be and still be trusted (clock skew)
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 _EPSILON = timedelta(microseconds=1)
@@ -385,6 +391,11 @@ class Syncer:
         self._unrecorded: deque[SyncOutcome] = deque(maxlen=UNRECORDED_LIMIT)
         self._unrecorded_dropped = 0
         self._unrecorded_lock = threading.Lock()
+        self._group_cv = threading.Condition()
+        self._group_queue: list[_Pending] = []
+        self._group_writers = 0
+        #: how many groups of each size were written (tests and benchmarks read it)
+        self.group_sizes: Counter[int] = Counter()
 
     def due(self, instance: Instance) -> bool:
         """False while the instance is backing off after failures (the daemon skips it)."""
@@ -487,32 +498,122 @@ class Syncer:
             self._write_failure(outcome)
             return outcome
 
-        try:
-            with self.engine.begin() as conn:
-                run_id = lock_instance(conn, instance.id_instance)
-                after_commit = self._apply(
-                    conn, instance, decoded, outcome, t0, run_id, fetched.body, decoded_with
-                )
-            after_commit()
-        except SQLAlchemyError as exc:
-            self.forget_snapshot(instance.id_instance)
-            orig = getattr(exc, "orig", None) or exc
-            outcome = SyncOutcome(
-                instance.id_instance,
-                "failed",
-                outcome.started_at,
-                http_status=outcome.http_status,
-                attempts=outcome.attempts,
-                chats_received=decoded.received,
-                error_kind="database",
-                error=redact(f"{type(orig).__name__}: {str(orig)[:500]}"),
-            )
-            self._finish(outcome, t0)
-            self._note_result(instance, outcome)
+        pending = _Pending(instance, decoded, fetched.body, decoded_with, outcome, t0)
+        outcome = self._group_write(pending)
+        if outcome.status == "failed":
             self._write_failure(outcome)
             return outcome
         self._log(instance, outcome)
         self.flush_unrecorded()
+        return outcome
+
+    # -- group commit ------------------------------------------------------------------
+    #
+    # Ticks that finish fetching while another thread is writing queue up and are then
+    # written together, in one transaction, by the next thread to write ("group commit"):
+    # one pool checkout, BEGIN and COMMIT per group instead of per instance. A lone tick is
+    # a group of one, so a quiet daemon behaves exactly as before; the groups grow only
+    # when writes queue up. If a group's transaction fails on a statement, every tick in
+    # it is written again on its own, so one bad tick still fails alone.
+
+    def _group_write(self, item: _Pending) -> SyncOutcome:
+        with self._group_cv:
+            self._group_queue.append(item)
+            while item.result is None and (item.taken or self._group_writers >= GROUP_WRITERS):
+                self._group_cv.wait()
+            if item.result is None:  # this thread writes the next group, its own tick first
+                self._group_writers += 1
+                self._group_queue.remove(item)
+                batch = [item, *self._group_queue[: GROUP_LIMIT - 1]]
+                del self._group_queue[: GROUP_LIMIT - 1]
+                for taken in batch:
+                    taken.taken = True
+                self.group_sizes[len(batch)] += 1
+            else:
+                batch = []
+        if batch:
+            try:
+                self._write_group(batch)
+            except BaseException as exc:
+                for other in batch:
+                    if other.result is None:
+                        other.result = exc
+                raise
+            finally:
+                with self._group_cv:
+                    self._group_writers -= 1
+                    self._group_cv.notify_all()
+        if isinstance(item.result, BaseException):
+            raise item.result
+        assert item.result is not None
+        return item.result
+
+    def _write_group(self, batch: list[_Pending]) -> None:
+        """Write the ticks of ``batch``; sets every item's ``result``."""
+        if len(batch) > 1:
+            began = False
+            # one order for every group: two replicas' groups never wait on each other
+            ordered = sorted(batch, key=lambda i: i.instance.id_instance)
+            try:
+                with self.engine.begin() as conn:
+                    began = True
+                    written = [self._write_tick(conn, item) for item in ordered]
+            except SQLAlchemyError as exc:
+                if not began or getattr(exc, "connection_invalidated", False):
+                    # the database is unreachable: each tick alone would fail the same way
+                    for item in batch:
+                        item.result = self._database_failure(item, exc)
+                    return
+                log.info(
+                    "a group of %d ticks failed (%s); writing them one by one",
+                    len(batch),
+                    type(exc).__name__,
+                )
+            else:
+                for item, (outcome, after_commit) in zip(ordered, written, strict=True):
+                    after_commit()
+                    item.result = outcome
+                return
+        for item in batch:
+            try:
+                with self.engine.begin() as conn:
+                    outcome, after_commit = self._write_tick(conn, item)
+                after_commit()
+            except SQLAlchemyError as exc:
+                outcome = self._database_failure(item, exc)
+            item.result = outcome
+
+    def _write_tick(
+        self, conn: Connection, item: _Pending
+    ) -> tuple[SyncOutcome, Callable[[], None]]:
+        """Apply one tick inside ``conn``'s transaction (a fresh outcome per attempt)."""
+        fetched = item.fetched
+        outcome = SyncOutcome(
+            fetched.instance_id,
+            "ok",
+            fetched.started_at,
+            http_status=fetched.http_status,
+            attempts=fetched.attempts,
+        )
+        run_id = lock_instance(conn, item.instance.id_instance)
+        return outcome, self._apply(conn, item, outcome, run_id)
+
+    def _database_failure(self, item: _Pending, exc: SQLAlchemyError) -> SyncOutcome:
+        """The failed outcome of a tick whose transaction failed (not yet recorded)."""
+        self.forget_snapshot(item.instance.id_instance)
+        orig = getattr(exc, "orig", None) or exc
+        outcome = SyncOutcome(
+            item.instance.id_instance,
+            "failed",
+            item.fetched.started_at,
+            http_status=item.fetched.http_status,
+            attempts=item.fetched.attempts,
+            chats_received=item.decoded.received,
+            error_kind="database",
+            error=redact(f"{type(orig).__name__}: {str(orig)[:500]}"),
+        )
+        self._finish(outcome, item.t0)
+        self._note_result(item.instance, outcome)
         return outcome
 
     def _finish(self, outcome: SyncOutcome, t0: float) -> None:
@@ -631,17 +732,10 @@ class Syncer:
     # chats whose fingerprint differs are read back and diffed in full.
 
     def _apply(
-        self,
-        conn: Connection,
-        instance: Instance,
-        decoded: DecodedChats,
-        outcome: SyncOutcome,
-        t0: float,
-        run_id: int | None,
-        body: bytes,
-        decoded_with: _Snapshot | None,
+        self, conn: Connection, item: _Pending, outcome: SyncOutcome, run_id: int | None
     ) -> Callable[[], None]:
         """Write one tick; returns what to do once the transaction has committed."""
+        instance, decoded, t0 = item.instance, item.decoded, item.t0
         iid = instance.id_instance
         now = self.clock()
         outcome.chats_received = decoded.received
@@ -651,9 +745,9 @@ class Syncer:
         snap = self._snapshots.get(iid)
         if snap is None or snap.version != version - 1:
             snap = self._load_snapshot(conn, iid)
-        if decoded.unchanged and snap is not decoded_with:
+        if decoded.unchanged and snap is not item.decoded_with:
             # somebody else wrote since: "unchanged" was judged against a stale snapshot
-            decoded = decode_chats(body, track=True)
+            decoded = decode_chats(item.body, track=True)
         present = snap.fingerprints.keys() - snap.removed
         incoming = decoded.ids
 
@@ -1007,6 +1101,23 @@ class Syncer:
                 conn.execute(stmts.close_history, closes)
         bulk_insert(conn, history_t, rows)
         return starts
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    """A fetched and decoded tick waiting for its write (see ``Syncer._group_write``)."""
+
+    instance: Instance
+    decoded: DecodedChats
+    body: bytes
+    decoded_with: _Snapshot | None
+    #: the fetch's outcome (started_at, http_status, attempts)
+    fetched: SyncOutcome
+    t0: float
+    #: in a group that a thread is writing
+    taken: bool = False
+    #: set once written: the tick's outcome, or what the writing thread raised
+    result: SyncOutcome | BaseException | None = None
 
 
 @dataclass(slots=True)
