@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import orjson
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
@@ -148,6 +149,9 @@ COPY_MIN_ROWS = 64
 #: called with (table name, rows) after every COPY, which SQLAlchemy's cursor events do not
 #: see (the benchmarks count statements and rows through those events)
 copy_listeners: list[Callable[[str, int], None]] = []
+#: called with (table name, rows) for the rows a combined statement (``WITH ... INSERT``)
+#: wrote to each table: its cursor's row count covers only its last part
+written_listeners: list[Callable[[str, int], None]] = []
 
 
 @functools.lru_cache(maxsize=512)
@@ -164,6 +168,32 @@ def pg_values_sql(table: str, columns: tuple[str, ...], rows: int, suffix: str =
     row = "(" + ", ".join(["%s"] * len(columns)) + ")"
     # names are this schema's own (never data); values go as bind parameters
     return f'INSERT INTO "{table}" ({names}) VALUES {", ".join([row] * rows)}{suffix}'  # noqa: S608
+
+
+@functools.lru_cache(maxsize=128)
+def pg_json_insert_sql(table: Table, columns: tuple[str, ...], suffix: str = "") -> str:
+    """``INSERT INTO table (columns) SELECT ... FROM json_to_recordset(%s::json)``: any
+    number of rows as one JSON parameter (``pg_json_rows``).
+
+    One statement text whatever the row count: psycopg parses the placeholders of a
+    statement over 4 kB or 50 parameters again on every execute (6 % of a steady tick's
+    CPU with multi-row ``VALUES``), and one JSON text is dumped by orjson in C, where
+    arrays per column (``unnest``) cost more in psycopg's list adapter than they saved.
+    """
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    names = ", ".join(f'"{c}"' for c in columns)
+    record = ", ".join(f'"{c}" {table.c[c].type.compile(dialect=dialect)}' for c in columns)
+    # names and types are this schema's own (never data); the rows go as a bind parameter
+    return (
+        f'INSERT INTO "{table.name}" ({names}) SELECT {names} '  # noqa: S608
+        f"FROM json_to_recordset(%s::json) AS x ({record}){suffix}"
+    )
+
+
+def pg_json_rows(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``rows`` as the JSON parameter of ``pg_json_insert_sql`` (datetimes as ISO 8601 with
+    their offset, which ``timestamptz`` reads back exactly)."""
+    return orjson.dumps(rows).decode()
 
 
 def pg_insert_rows(
@@ -208,6 +238,11 @@ def bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
         listener(table.name, len(rows))
 
 
+def instance_lock_key(instance_id: int) -> tuple[int, int]:
+    """The two-int advisory lock key of one instance's writers on PostgreSQL."""
+    return (4242, instance_id % 2**31)
+
+
 def lock_instance(conn: Connection, instance_id: int) -> int | None:
     """Serialise writers of one instance across processes, until the transaction ends.
 
@@ -218,7 +253,7 @@ def lock_instance(conn: Connection, instance_id: int) -> int | None:
     """
     if conn.dialect.name != "postgresql":
         return None
-    key = (4242, instance_id % 2**31)
+    key = instance_lock_key(instance_id)
     got, run_id = conn.exec_driver_sql(
         "SELECT pg_try_advisory_xact_lock(%s, %s), "
         "nextval(pg_get_serial_sequence('sync_runs', 'id'))",

@@ -423,7 +423,10 @@ chat_keys = st.sampled_from(
 chat_like = st.dictionaries(chat_keys, json_values, max_size=6) | st.fixed_dictionaries(
     {"id": st.sampled_from(["5", "5@c.us", " 5", 5, "6@g.us", "5\x00"]) | json_scalars},
     optional={
-        "name": st.text(text_chars, max_size=8) | json_scalars,
+        "name": st.text(text_chars, max_size=8)
+        | json_scalars
+        # what splits a body at the wrong place when it is inside a string
+        | st.sampled_from(["a},{b", "}, {", "x}\n,\n{", '},{"id":"5@c.us"}', "}", "{"]),
         "archive": st.booleans() | json_scalars,
         "ephemeralExpiration": st.sampled_from([0, 86400, -1, 2**31]) | json_scalars,
         "ephemeralSettingTimestamp": st.integers(-5, 2**40) | json_scalars,
@@ -468,15 +471,20 @@ def test_any_json_list_decodes_every_element(items: list[Any]) -> None:
 
 
 @settings(max_examples=60, deadline=None, database=None)
-@given(st.lists(json_values, max_size=5), st.integers(0, 40))
+@given(st.lists(json_values | chat_like, max_size=5), st.integers(0, 40))
 def test_any_json_list_with_noise_never_raises_other_errors(items: list[Any], cut: int) -> None:
     body = json.dumps(items).encode()
     for candidate in (body, body[:cut], body + b"x", body.replace(b",", b"", 1)):
         try:
             out = decode_chats(candidate)
         except PayloadError:
+            # the split-by-elements path never accepts what a full parse refuses
+            with pytest.raises(PayloadError):
+                decode_chats(candidate, track=True)
             continue
         assert len(out.chats) + len(out.rejected) == out.received
+        tracked = decode_chats(candidate, track=True)
+        assert (tracked.chats, tracked.rejected) == (out.chats, out.rejected)
 
 
 # -- skipping elements identical to the last list applied -----------------------------------
@@ -486,12 +494,28 @@ def _by_id(out: DecodedChats) -> dict[str, ChatRecord]:
     return {c.chat_id: c for c in out.chats}
 
 
-def _assert_fast_equals_full(before: list[Any], after: list[Any]) -> DecodedChats:
+DUMPS: dict[str, Any] = {
+    "spaced": lambda v: json.dumps(v, ensure_ascii=False).encode(),
+    "compact": lambda v: json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode(),
+    "indented": lambda v: json.dumps(v, indent=2).encode(),
+}
+
+
+def _assert_fast_equals_full(
+    before: list[Any], after: list[Any], style: str = "spaced"
+) -> DecodedChats:
     """Decoding ``after`` against ``before``'s raw hashes means the same as decoding it in
     full: same counts and rejections, same ids, the skipped ones as they were before."""
-    prev = decode_chats(json.dumps(before, ensure_ascii=False).encode(), track=True)
+    dumps = DUMPS[style]
+    prev = decode_chats(dumps(before), track=True)
     assert prev.raw_hashes is not None
-    body = json.dumps(after, ensure_ascii=False).encode()
+    prev_full = decode_chats(dumps(before))
+    assert (prev.chats, prev.rejected, prev.received) == (
+        prev_full.chats,
+        prev_full.rejected,
+        prev_full.received,
+    )
+    body = dumps(after)
     full = decode_chats(body)
     fast = decode_chats(body, known=prev.raw_hashes)
     assert fast.received == full.received
@@ -533,15 +557,41 @@ def test_a_value_of_another_type_is_never_taken_as_unchanged(
     assert fast.unchanged == []
 
 
-def test_duplicates_raw_ids_needing_normalisation_and_nested_values_are_decoded() -> None:
+def test_duplicates_raw_ids_needing_normalisation_and_nested_values() -> None:
     a = chat("1@c.us")
-    digits = chat("79001234567")  # normalised to 79001234567@c.us: never skipped
-    nested = chat("3@c.us") | {"extra": {"a": 1}}  # unhashable: never skipped
+    digits = chat("79001234567")  # normalised to 79001234567@c.us
+    nested = chat("3@c.us") | {"extra": {"a": 1}}
     before = [a, digits, nested]
     fast = _assert_fast_equals_full(before, [a, dict(a), digits, nested])
-    assert fast.unchanged == ["1@c.us"]
+    assert fast.unchanged == ["1@c.us", "79001234567@c.us", "3@c.us"]
     assert [r.reason for r in fast.rejected] == ["duplicate id '1@c.us'"]
-    assert {c.chat_id for c in fast.chats} == {"79001234567@c.us", "3@c.us"}
+    assert fast.chats == []
+
+
+@pytest.mark.parametrize("style", sorted(DUMPS))
+@pytest.mark.parametrize(
+    "name", ["a},{b", "}, {", '},{"id":"9@c.us","name":"x"}', "plain"], ids=repr
+)
+def test_a_name_that_looks_like_an_element_boundary_decodes_as_in_full(
+    name: str, style: str
+) -> None:
+    a, b = chat("1@c.us", name=name), chat("2@c.us", name="B")
+    fast = _assert_fast_equals_full(
+        [a, b], [a, dict(b, name="B2"), chat("4@c.us", name=name)], style
+    )
+    assert {c.chat_id for c in fast.chats} | set(fast.unchanged) == {"1@c.us", "2@c.us", "4@c.us"}
+    assert [c.name for c in fast.chats if c.chat_id == "4@c.us"] == [name]
+
+
+def test_elements_split_from_the_raw_body_are_skipped_without_parsing() -> None:
+    """The split is by bytes: an unchanged element is found by the hash of its text."""
+    chats = [chat(f"{i}@c.us", name=f"n{i}") for i in range(50)]
+    prev = decode_chats(DUMPS["compact"](chats), track=True)
+    assert prev.raw_hashes is not None and len(prev.raw_hashes) == 50
+    chats[7]["name"] = "changed"
+    fast = decode_chats(DUMPS["compact"](chats), known=prev.raw_hashes)
+    assert [c.chat_id for c in fast.chats] == ["7@c.us"]
+    assert len(fast.unchanged) == 49 and fast.received == 50
 
 
 @settings(
@@ -557,4 +607,4 @@ def test_decoding_against_the_last_list_means_the_same_as_decoding_in_full(
     before = data.draw(st.lists(chat_like | json_values, max_size=6), label="before")
     reuse = st.sampled_from(before) if before else chat_like
     after = data.draw(st.lists(reuse | chat_like, max_size=8), label="after")
-    _assert_fast_equals_full(before, after)
+    _assert_fast_equals_full(before, after, data.draw(st.sampled_from(sorted(DUMPS))))
