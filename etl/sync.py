@@ -383,7 +383,7 @@ _PG_MARK_REMOVED_POSITIONAL = (
 
 _PG_CLOSE_HISTORY = """
 UPDATE chat_ephemeral_history AS h SET valid_to = v.valid_to
-FROM unnest(%(ids)s::text[], %(ends)s::timestamptz[]) AS v (chat_id, valid_to)
+FROM json_to_recordset(%(rows)s::json) AS v (chat_id text, valid_to timestamptz)
 WHERE h.instance_id = %(iid)s AND h.chat_id = v.chat_id AND h.valid_to IS NULL
 """
 
@@ -419,7 +419,7 @@ class Syncer:
         self._unrecorded: deque[SyncOutcome] = deque(maxlen=UNRECORDED_LIMIT)
         self._unrecorded_dropped = 0
         self._unrecorded_lock = threading.Lock()
-        self._group_cv = threading.Condition()
+        self._group_lock = threading.Lock()
         self._group_queue: list[_Pending] = []
         self._group_writers = 0
         #: how many groups of each size were written (tests and benchmarks read it)
@@ -545,32 +545,44 @@ class Syncer:
     # it is written again on its own, so one bad tick still fails alone.
 
     def _group_write(self, item: _Pending) -> SyncOutcome:
-        with self._group_cv:
-            self._group_queue.append(item)
-            while item.result is None and (item.taken or self._group_writers >= GROUP_WRITERS):
-                self._group_cv.wait()
-            if item.result is None:  # this thread writes the next group, its own tick first
+        with self._group_lock:
+            if self._group_writers < GROUP_WRITERS:
                 self._group_writers += 1
-                self._group_queue.remove(item)
-                batch = [item, *self._group_queue[: GROUP_LIMIT - 1]]
-                del self._group_queue[: GROUP_LIMIT - 1]
-                for taken in batch:
-                    taken.taken = True
-                self.group_sizes[len(batch)] += 1
-            else:
-                batch = []
-        if batch:
-            try:
-                self._write_group(batch)
-            except BaseException as exc:
-                for other in batch:
-                    if other.result is None:
-                        other.result = exc
-                raise
-            finally:
-                with self._group_cv:
+                waiting = None
+            else:  # wait to be written by another thread, or to be handed its slot
+                waiting = item.wake = threading.Lock()
+                waiting.acquire()
+                self._group_queue.append(item)
+        if waiting is not None:
+            waiting.acquire()  # released by the thread that wrote us or hands us its slot
+            if item.result is not None:
+                return self._result(item)
+        with self._group_lock:  # a writer: its own tick first, then what queued up
+            batch = [item, *self._group_queue[: GROUP_LIMIT - 1]]
+            del self._group_queue[: GROUP_LIMIT - 1]
+            self.group_sizes[len(batch)] += 1
+        try:
+            self._write_group(batch)
+        except BaseException as exc:
+            for other in batch:
+                if other.result is None:
+                    other.result = exc
+            raise
+        finally:
+            for other in batch[1:]:
+                assert other.wake is not None
+                other.wake.release()
+            with self._group_lock:
+                successor = self._group_queue.pop(0) if self._group_queue else None
+                if successor is None:
                     self._group_writers -= 1
-                    self._group_cv.notify_all()
+            if successor is not None:
+                assert successor.wake is not None
+                successor.wake.release()  # the slot goes to the longest waiting tick
+        return self._result(item)
+
+    @staticmethod
+    def _result(item: _Pending) -> SyncOutcome:
         if isinstance(item.result, BaseException):
             raise item.result
         assert item.result is not None
@@ -1107,8 +1119,8 @@ class Syncer:
                 [{"b_iid": iid, "b_chat_id": cid, "b_valid_to": to} for cid, to in closes],
             )
             return
-        ids, ends = zip(*closes, strict=True)
-        conn.exec_driver_sql(_PG_CLOSE_HISTORY, {"ids": list(ids), "ends": list(ends), "iid": iid})
+        rows = pg_json_rows([{"chat_id": cid, "valid_to": to} for cid, to in closes])
+        conn.exec_driver_sql(_PG_CLOSE_HISTORY, {"rows": rows, "iid": iid})
 
 
 def _history_rows(
@@ -1248,8 +1260,8 @@ class _Pending:
     #: the fetch's outcome (started_at, http_status, attempts)
     fetched: SyncOutcome
     t0: float
-    #: in a group that a thread is writing
-    taken: bool = False
+    #: held while the tick waits in the queue (see ``Syncer._group_write``)
+    wake: threading.Lock | None = None
     #: set once written: the tick's outcome, or what the writing thread raised
     result: SyncOutcome | BaseException | None = None
 
