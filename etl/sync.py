@@ -897,7 +897,8 @@ class Syncer:
         history, closes, starts = _history_rows(iid, run_id, now, new_chats, changed_ephemeral)
         event_rows = _event_rows(iid, run_id, now, events, changed_ephemeral, starts)
         chat_rows = inserts + upserts
-        if outcome.sync_run_id is None and _fits_one_statement(chat_rows, history, event_rows):
+        pg = _statements(conn.dialect.name).pg
+        if pg and _fits_one_statement(chat_rows, history, event_rows):
             # PostgreSQL, a steady tick: one round trip for all its writes
             self._close_history(conn, iid, closes)
             self._finish(outcome, t0)
