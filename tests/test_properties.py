@@ -76,7 +76,13 @@ MISSING: Any = object()
 def random_chat(draw: st.DrawFn) -> dict[str, Any]:
     """Any well-formed element: every field optional, timestamps from ``STAMPS``."""
     item: dict[str, Any] = {"id": draw(RAW_IDS)}
-    item["name"] = draw(st.sampled_from(["", "Ann", "Bob", "Маша 🌸", "a\x00b", MISSING]))
+    item["name"] = draw(
+        st.sampled_from(
+            # the last ones: JSON escapes in the one-statement write (rows as one JSON
+            # parameter) and element boundaries inside a string (the raw-element split)
+            ["", "Ann", "Bob", "Маша 🌸", "a\x00b", MISSING, 'q"t\\', "},{", '},{"id":"1"}']
+        )
+    )
     item["type"] = draw(st.sampled_from(["user", "group", "newsletter", MISSING]))
     item["archive"] = draw(st.sampled_from([False, True, MISSING]))
     expiration = draw(st.sampled_from([0, 86400, 604800, 7776000, MISSING]))
