@@ -203,22 +203,31 @@ def decode_chats(
     rejected: list[Rejected] = []
     seen: set[str] = set()
     for index, item in enumerate(data):
-        try:
-            chat = decode_chat(item)
-        except _Bad as exc:
-            rejected.append(Rejected(index, str(exc), _readable_id(item)))
-            continue
-        if chat.chat_id in seen:
-            rejected.append(Rejected(index, f"duplicate id {chat.chat_id!r}", chat.chat_id))
-            continue
-        seen.add(chat.chat_id)
-        chats.append(chat)
+        _accept(index, item, chats, rejected, seen)
     return DecodedChats(
         chats=chats,
         rejected=rejected,
         received=len(data),
         raw_hashes={} if (track or known is not None) else None,
     )
+
+
+def _accept(
+    index: int, item: object, chats: list[ChatRecord], rejected: list[Rejected], seen: set[str]
+) -> str | None:
+    """Validate one element into ``chats`` or ``rejected`` (a duplicate id: the first wins);
+    returns its chat id when accepted."""
+    try:
+        chat = decode_chat(item)
+    except _Bad as exc:
+        rejected.append(Rejected(index, str(exc), _readable_id(item)))
+        return None
+    if chat.chat_id in seen:
+        rejected.append(Rejected(index, f"duplicate id {chat.chat_id!r}", chat.chat_id))
+        return None
+    seen.add(chat.chat_id)
+    chats.append(chat)
+    return chat.chat_id
 
 
 def _decode_pieces(pieces: list[bytes], known: Mapping[int, str]) -> DecodedChats | None:
@@ -244,17 +253,9 @@ def _decode_pieces(pieces: list[bytes], known: Mapping[int, str]) -> DecodedChat
             item = orjson.loads(b"{" + piece + b"}")
         except orjson.JSONDecodeError:
             return None
-        try:
-            chat = decode_chat(item)
-        except _Bad as exc:
-            rejected.append(Rejected(index, str(exc), _readable_id(item)))
-            continue
-        if chat.chat_id in seen:
-            rejected.append(Rejected(index, f"duplicate id {chat.chat_id!r}", chat.chat_id))
-            continue
-        seen.add(chat.chat_id)
-        chats.append(chat)
-        hashes[h] = chat.chat_id
+        chat_id = _accept(index, item, chats, rejected, seen)
+        if chat_id is not None:
+            hashes[h] = chat_id
     return DecodedChats(
         chats=chats,
         rejected=rejected,

@@ -261,6 +261,18 @@ _UPSERT_UPDATES = (
 )
 
 
+#: what a tick compares a chat with (the snapshot's fingerprint and the full diff)
+_STORED_CHAT = (
+    chats_t.c.chat_id,
+    chats_t.c.chat_type,
+    chats_t.c.name,
+    chats_t.c.archived,
+    chats_t.c.ephemeral_expiration,
+    chats_t.c.ephemeral_setting_at,
+    chats_t.c.removed_at,
+)
+
+
 class _Statements:
     """The tick's statements, built once per dialect: building and hashing a statement
     (an upsert with seven ``excluded`` columns above all) on every execute was ~12% of a
@@ -280,16 +292,7 @@ class _Statements:
             state_t.c.version, state_t.c.pending_removal_digest, state_t.c.pending_removal_streak
         )
         self.load_rows = (
-            select(
-                chats_t.c.chat_id,
-                chats_t.c.chat_type,
-                chats_t.c.name,
-                chats_t.c.archived,
-                chats_t.c.ephemeral_expiration,
-                chats_t.c.ephemeral_setting_at,
-                chats_t.c.removed_at,
-                history_t.c.valid_from.label("open_from"),
-            )
+            select(*_STORED_CHAT, history_t.c.valid_from.label("open_from"))
             .select_from(
                 chats_t.outerjoin(
                     history_t,
@@ -372,12 +375,8 @@ _PG_UPSERT_CHATS_SUFFIX = " ON CONFLICT (instance_id, chat_id) DO UPDATE SET " +
     f"{c} = excluded.{c}" for c in _UPSERT_UPDATES
 )
 
-_PG_MARK_REMOVED = """
-UPDATE chats SET removed_at = %(now)s, updated_at = %(now)s
-WHERE instance_id = %(iid)s AND chat_id = ANY(%(ids)s)
-"""
-
-_PG_MARK_REMOVED_POSITIONAL = (
+#: parameters: (now, now, instance id, chat ids); also a part of ``_pg_write_tick``
+_PG_MARK_REMOVED = (
     "UPDATE chats SET removed_at = %s, updated_at = %s WHERE instance_id = %s AND chat_id = ANY(%s)"
 )
 
@@ -958,15 +957,7 @@ class Syncer:
     @staticmethod
     def _load_snapshot(conn: Connection, iid: int) -> _Snapshot:
         snap = _Snapshot(version=0, fingerprints={}, removed=set(), raw={})
-        q = select(
-            chats_t.c.chat_id,
-            chats_t.c.chat_type,
-            chats_t.c.name,
-            chats_t.c.archived,
-            chats_t.c.ephemeral_expiration,
-            chats_t.c.ephemeral_setting_at,
-            chats_t.c.removed_at,
-        ).where(chats_t.c.instance_id == iid)
+        q = select(*_STORED_CHAT).where(chats_t.c.instance_id == iid)
         for r in conn.execute(q):
             snap.fingerprints[r.chat_id] = _fingerprint(
                 r.chat_type, r.name, r.archived, r.ephemeral_expiration, r.ephemeral_setting_at
@@ -1022,11 +1013,11 @@ class Syncer:
             conn.execute(stmts.upsert_chats, upserts)
         ids = sorted(vanished)
         for i in range(0, len(ids), 5000):
-            params = {"iid": iid, "ids": ids[i : i + 5000], "now": now}
+            part = ids[i : i + 5000]
             if stmts.pg:
-                conn.exec_driver_sql(_PG_MARK_REMOVED, params)
+                conn.exec_driver_sql(_PG_MARK_REMOVED, (now, now, iid, part))
             else:
-                conn.execute(stmts.mark_removed, params)
+                conn.execute(stmts.mark_removed, {"iid": iid, "ids": part, "now": now})
 
     def _check_anomaly(
         self,
@@ -1231,7 +1222,7 @@ def _pg_write_tick(
 
     rows_of("c", chats_t, chat_rows, _PG_UPSERT_CHATS_SUFFIX)
     if vanished:
-        parts.append(f"r AS ({_PG_MARK_REMOVED_POSITIONAL} RETURNING 1)")
+        parts.append(f"r AS ({_PG_MARK_REMOVED} RETURNING 1)")
         params.extend((now, now, iid, vanished))
         counted.append(("r", "chats"))
     rows_of("h", history_t, history, "")

@@ -155,6 +155,14 @@ def first_ok_after(engine: Engine, iids: list[int], since: float) -> dict[int, f
     return out
 
 
+def assert_lost_ticks_recorded(engine: Engine, iid: int, down: float, up: float) -> None:
+    """At least 3 ticks started while the database was away, all in ``sync_runs`` as
+    ``failed``/``database`` (written once it was back)."""
+    lost = [r for r in runs_of(engine, iid) if down + 0.5 <= as_unix(r.started_at) <= up - 0.5]
+    assert len(lost) >= 3, (iid, lost)
+    assert {(r.status, r.error_kind) for r in lost} == {("failed", "database")}, lost
+
+
 def as_unix(value: Any) -> float:
     if isinstance(value, str):  # SQLite text
         value = datetime.fromisoformat(value)
@@ -390,13 +398,7 @@ def _pg_outage(pg_db: str, direct: Engine, tmp_path: Path) -> None:
         assert max(resumed.values()) <= INTERVAL + 1.0, resumed
         # the ticks lost to the outage are in sync_runs (written once it was over)
         for iid in sim.instance_ids:
-            lost = [
-                r
-                for r in runs_of(direct, iid)
-                if cut_at + 0.5 <= as_unix(r.started_at) <= restored_at - 0.5
-            ]
-            assert len(lost) >= 3, (iid, lost)
-            assert {(r.status, r.error_kind) for r in lost} == {("failed", "database")}, lost
+            assert_lost_ticks_recorded(direct, iid, cut_at, restored_at)
         # a tick that cannot claim its lease does not call the API
         assert requests_during <= len(sim.instance_ids), requests_during
         # no run started during the long outage was recorded half-way
@@ -919,13 +921,7 @@ def test_postgresql_server_stopped_and_started(private_pg: PrivatePostgres, tmp_
                     and "could not be recorded yet" in msg
                 ]
                 assert len(logged) >= 3, f"{iid}: {len(logged)} lines in a 5 s outage\n{log}"
-                lost = [
-                    r
-                    for r in runs_of(engine, iid)
-                    if stopped_at + 0.5 <= as_unix(r.started_at) <= started_at - 0.5
-                ]
-                assert len(lost) >= 3, (iid, lost)
-                assert {(r.status, r.error_kind) for r in lost} == {("failed", "database")}
+                assert_lost_ticks_recorded(engine, iid, stopped_at, started_at)
             assert max(resumed.values()) <= INTERVAL + 1.0, resumed
             check_history_invariants(engine)
             check_runs_consistent(engine)
