@@ -1,9 +1,13 @@
 """SIGKILL at random points while the daemon syncs, many times over, on SQLite and PostgreSQL.
 
 The daemon (``etl run``, 1 s interval, three instances whose lists change every 0.3 s) is
-started, killed with SIGKILL a random 0.1-1.5 s after its scheduler started (every fifth
-time: after the process started, to hit the start-up too), and started again, ``KILLS``
-times per backend (30 by default, so 60 per CI run; ``ETL_TEST_KILLS=200`` for more).
+started, killed with SIGKILL and started again, ``KILLS`` times per backend (30 by default,
+so 60 per CI run; ``ETL_TEST_KILLS=200`` for more). One kill in five lands a random
+0.1-1.5 s after the process started, to hit the start-up; two in five a random 0.1-1.5 s
+after its scheduler started; two in five are aimed: 0-20 ms after the simulator received
+the daemon's 1st-4th request, inside a sync. A sync of these lists takes a few tens of
+milliseconds, so random moments alone hit one too rarely to be sure of (a CI run once saw
+none in 30 kills); the test asserts that at least one kill interrupted a sync in flight.
 After every kill the database must satisfy ``check_history_invariants`` and
 ``check_runs_consistent`` (no ``sync_runs`` row without its data, no data without its
 run). At the end a real ``python -m etl run`` resumes, exits 0 on SIGTERM, and a final pass
@@ -173,9 +177,16 @@ def test_sigkill_at_random_points_keeps_the_invariants(
                     pid = popen.pid
                 delay = rnd.uniform(0.1, 1.5)
                 try:
-                    if k % 5:  # four kills in five land while it syncs, one during start-up
+                    if k % 5 == 0:  # one kill in five lands during start-up
+                        time.sleep(delay)
+                    elif k % 2:  # at a random moment of the running daemon
                         _wait_for_line(log, "scheduler started")
-                    time.sleep(delay)
+                        time.sleep(delay)
+                    else:  # aimed: just after a getChats request was received
+                        nth = requests0 + rnd.randint(1, 4)
+                        _wait_for_requests(sim, nth)
+                        delay = rnd.uniform(0.0, 0.02)
+                        time.sleep(delay)
                 finally:  # never leave a daemon behind, whatever failed
                     _kill_and_reap(pid, popen)
                 stats.kills += 1
@@ -238,6 +249,13 @@ def _wait_for_line(log: Path, needle: str, timeout: float = 20) -> None:
     while not log.exists() or needle not in log.read_text(encoding="utf-8", errors="replace"):
         assert time.monotonic() < deadline, f"no {needle!r} in {log}"
         time.sleep(0.01)
+
+
+def _wait_for_requests(sim: Simulator, n: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while sim.request_count() < n:
+        assert time.monotonic() < deadline, f"fewer than {n} requests in {timeout}s"
+        time.sleep(0.001)
 
 
 def _expire_leases(engine: Engine) -> None:
