@@ -24,6 +24,7 @@ from tests.factories import (
     scalar,
     table_counts,
 )
+from tests.test_bi import as_utc
 
 
 class Clock:
@@ -91,6 +92,96 @@ def test_seed_example_loads_exactly(sim, engine, csyncer, inst, clock):
     check_history_invariants(engine)
     run = rows(engine, "SELECT * FROM sync_runs")[0]
     assert (run.status, run.http_status, run.attempts, run.chats_inserted) == ("ok", 200, 1, 3)
+
+
+def test_first_load_rows_match_the_rules(sim, engine, csyncer, inst, clock):
+    """An instance's first load (on PostgreSQL one statement that derives the history and
+    event rows in SQL, ``_pg_write_first_load``) follows the same rules as any later tick:
+    ``choose_valid_from`` at every edge of the skew allowance, unknown settings stored as
+    off, one ``created`` event per chat, a malformed element rejected alone."""
+    now, iid = clock.now, inst.id_instance
+    skew = timedelta(minutes=5)
+    unknown = chat("5@c.us", name="No setting")
+    del unknown["ephemeralExpiration"], unknown["ephemeralSettingTimestamp"]
+    stamps = {
+        "1@c.us": now - timedelta(days=10),
+        "2@c.us": now + timedelta(minutes=4),
+        "3@c.us": now + skew,
+        "4@c.us": now + skew + timedelta(seconds=1),
+    }
+
+    def odd_name(cid: str) -> str:
+        return 'N "' + cid + '" },{'
+
+    stamps_items = list(stamps.items())
+    listed = [
+        *(
+            chat(cid, name=odd_name(cid), expiration=86400, stamp=ts(at))
+            for cid, at in stamps_items
+        ),
+        chat("6@c.us", name="Never set"),
+        unknown,
+        {"name": "no id", "type": "user"},
+        chat("79001234567-1479621234@g.us", kind="group", name="Группа 🙂", archive=True),
+    ]
+    sim.set_chats(iid, listed)
+    out = csyncer.sync(inst)
+    assert (out.status, out.chats_received, out.chats_inserted, out.chats_rejected) == (
+        "ok",
+        8,
+        7,
+        1,
+    )
+    got = {r.chat_id: r for r in rows(engine, "SELECT * FROM chats WHERE instance_id = :i", i=iid)}
+    hist = {
+        r.chat_id: r
+        for r in rows(engine, "SELECT * FROM chat_ephemeral_history WHERE instance_id = :i", i=iid)
+    }
+    assert set(got) == set(hist) == {*stamps, "5@c.us", "6@c.us", "79001234567-1479621234@g.us"}
+    for cid, at in stamps.items():
+        assert got[cid].name == odd_name(cid)
+        assert (got[cid].ephemeral_expiration, as_utc(got[cid].ephemeral_setting_at)) == (
+            86400,
+            at,
+        )
+        h = hist[cid]
+        assert (h.ephemeral_expiration, as_utc(h.ephemeral_setting_at)) == (86400, at)
+        assert as_utc(h.valid_from) == choose_valid_from(at, None, now), cid
+    assert as_utc(hist["3@c.us"].valid_from) == now + skew  # the edge is trusted
+    assert as_utc(hist["4@c.us"].valid_from) == now  # one second beyond is not
+    for cid in ("5@c.us", "6@c.us", "79001234567-1479621234@g.us"):
+        assert (got[cid].ephemeral_expiration, got[cid].ephemeral_setting_at) == (0, None)
+        assert (hist[cid].ephemeral_expiration, hist[cid].ephemeral_setting_at) == (0, None)
+        assert as_utc(hist[cid].valid_from) == now
+    group = got["79001234567-1479621234@g.us"]
+    assert (group.chat_type, group.name, bool(group.archived)) == ("group", "Группа 🙂", True)
+    assert all(
+        as_utc(r.first_seen_at) == as_utc(r.updated_at) == now and r.removed_at is None
+        for r in got.values()
+    )
+    assert all(h.valid_to is None and h.sync_run_id == out.sync_run_id for h in hist.values())
+    events = rows(
+        engine,
+        "SELECT chat_id, event_type, old_value, new_value, occurred_at, sync_run_id "
+        "FROM chat_events WHERE instance_id = :i",
+        i=iid,
+    )
+    assert sorted((e[0], e[1], e[2], e[3], as_utc(e[4]), e[5]) for e in events) == sorted(
+        (cid, "created", None, r.name, now, out.sync_run_id) for cid, r in got.items()
+    )
+    run = rows(engine, "SELECT * FROM sync_runs WHERE id = :r", r=out.sync_run_id)[0]
+    assert (run.status, run.chats_received, run.chats_inserted, run.chats_rejected) == (
+        "ok",
+        8,
+        7,
+        1,
+    )
+    check_history_invariants(engine)
+    # the next tick diffs against what the first load stored: nothing changed
+    clock.advance(60)
+    again = csyncer.sync(inst)
+    assert (again.chats_inserted, again.chats_updated, again.ephemeral_changes) == (0, 0, 0)
+    assert scalar(engine, "SELECT COUNT(*) FROM chat_events") == 7
 
 
 def test_ephemeral_change_closes_and_opens_history(sim, engine, csyncer, inst, clock):
