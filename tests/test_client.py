@@ -601,3 +601,60 @@ def test_interrupt_stops_further_retries(sim) -> None:
     assert err.value.error_kind == "server_error"
     assert err.value.attempts == 1
     assert sim.request_count(inst.id_instance) == 1
+
+
+def test_proxy_variables_are_honoured(sim: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``HTTP_PROXY`` from the environment is used (read once per API URL, at its first
+    request): the API host here is a closed loopback port, reachable only through the
+    proxy, which is the simulator itself (it serves the absolute-URI request line)."""
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", sim.url)
+    monkeypatch.setenv("http_proxy", sim.url)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    inst = make_instance(sim, api_url=closed, max_attempts=1)
+    client = GreenApiClient()
+    try:
+        before = sim.request_count()
+        body = client.get_chats(inst).body
+        assert decode_chats(body).received == len(sim.chats(inst.id_instance))
+        again = client.get_chats(inst).body  # the second request: settings kept
+        assert again == body
+        assert sim.request_count() == before + 2
+    finally:
+        client.close()
+    # without the variable, the same URL is refused: the proxy made the difference
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name)
+    client = GreenApiClient()
+    try:
+        with pytest.raises(ApiError) as err:
+            client.get_chats(inst)
+        assert err.value.error_kind == "connection"
+    finally:
+        client.close()
+
+
+def test_the_body_watchdog_cuts_only_reads_still_running(
+    sim: Simulator, fast_client: GreenApiClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests whose deadlines pass after they finished are never cut (a cut would hit
+    a pooled connection, maybe serving another request by then)."""
+    import etl.client
+
+    cuts: list[object] = []
+    real_cut = etl.client._cut
+    monkeypatch.setattr(etl.client, "_cut", lambda r: (cuts.append(r), real_cut(r)))
+    inst = make_instance(sim)
+    for _ in range(20):
+        fast_client.get_chats(inst, budget_seconds=0.3)
+    time.sleep(0.5)  # every deadline has passed
+    assert cuts == []
+    # while a read still running at its deadline is cut
+    with drip_server(b"[" + b" " * 28 + b"]", every=0.2) as url:
+        slow = make_instance(sim, api_url=url, timeout_seconds=1.0)
+        with pytest.raises(ApiError):
+            fast_client.get_chats(slow, budget_seconds=0.5)
+    assert len(cuts) == 1
