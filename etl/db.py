@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -46,9 +47,30 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
     cur.execute("PRAGMA foreign_keys = ON")
-    cur.execute("PRAGMA journal_mode = WAL")
+    _sqlite_wal(cur)
     cur.execute("PRAGMA synchronous = NORMAL")
     cur.close()
+
+
+def _sqlite_wal(cur: sqlite3.Cursor) -> None:
+    """Switch the database to WAL (a no-op when it already is), retrying while it is busy.
+
+    Opening a WAL database can answer "database is locked" at once, without waiting on
+    ``busy_timeout``, while another process opens or closes it (WAL recovery, the last
+    connection's checkpoint): two ``etl sync --once`` started together hit it about once
+    in fifteen runs (tests/test_outages.py::test_two_sync_once_at_the_same_moment).
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = "locked" in str(exc) or "busy" in str(exc)
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 #: execution option for read-only work (status page): on SQLite a deferred BEGIN, which
