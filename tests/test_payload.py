@@ -608,3 +608,20 @@ def test_decoding_against_the_last_list_means_the_same_as_decoding_in_full(
     reuse = st.sampled_from(before) if before else chat_like
     after = data.draw(st.lists(reuse | chat_like, max_size=8), label="after")
     _assert_fast_equals_full(before, after, data.draw(st.sampled_from(sorted(DUMPS))))
+
+
+@pytest.mark.parametrize("style", sorted(DUMPS))
+def test_a_duplicate_id_first_wins_whether_unchanged_or_not(style: str) -> None:
+    """Skipped and parsed elements with one chat id: the first in the list wins, as in a
+    full decode (the skip finds unchanged elements in bulk, then checks the order)."""
+    a = chat("1@c.us", name="A")
+    b = chat("2@c.us", name="B")
+    changed_a = dict(a, name="A2")
+    for after in (
+        [changed_a, b, a],  # the changed one first: it wins, the unchanged one is rejected
+        [a, b, changed_a],  # the unchanged one first
+        [a, b, a],  # the same bytes twice
+        [b, dict(a, archive="no"), a],  # a rejected element naming an unchanged chat
+    ):
+        fast = _assert_fast_equals_full([a, b], after, style)
+        assert fast.received == 3
