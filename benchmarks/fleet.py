@@ -69,7 +69,7 @@ if str(ROOT) not in sys.path:  # run from a clone without installing the package
     sys.path.insert(0, str(ROOT))
 
 from pydantic import SecretStr  # noqa: E402
-from sqlalchemy import Engine, create_engine, event, text  # noqa: E402
+from sqlalchemy import Engine, bindparam, create_engine, event, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 import etl.db  # noqa: E402
@@ -559,6 +559,8 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
             stack.callback(engine.dispose)
             backend = engine.dialect.name
             upgrade(engine)
+            if args.drop_foreign_keys:
+                common["dropped_foreign_keys"] = drop_foreign_keys(engine)
             counter = SqlCounter()
             counter.attach(engine)
             t0 = time.perf_counter()
@@ -587,7 +589,17 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
                     line["chats_decoded"] = sum(decoded)
                 else:
                     assert syncer is not None
+                    groups0 = Counter(syncer.group_sizes)
                     line, outcomes = runner.run("db", syncer.sync)
+                    groups = syncer.group_sizes - groups0
+                    n_groups = sum(groups.values())
+                    line["write_groups"] = {  # ticks written per transaction (group commit)
+                        "count": n_groups,
+                        "mean_size": round(sum(k * v for k, v in groups.items()) / n_groups, 2)
+                        if n_groups
+                        else None,
+                        "max_size": max(groups, default=None),
+                    }
                     line["changes"], line["statuses"] = summarise_outcomes(outcomes)
                     failed = [o for o in outcomes if o.status == "failed"]
                     if failed:
@@ -691,6 +703,27 @@ def summarise(
     return summary
 
 
+def drop_foreign_keys(engine: Engine) -> list[str]:
+    """Drop every foreign key of the chat-level tables (an experiment: what the per-row
+    checks cost; see docs/benchmarks.md). Returns their names."""
+    tables = ("chats", "chat_ephemeral_history", "chat_events")
+    with engine.begin() as conn:
+        names = [
+            (r.table_name, r.constraint_name)
+            for r in conn.execute(
+                text(
+                    "SELECT table_name, constraint_name FROM information_schema.table_constraints "
+                    "WHERE constraint_type = 'FOREIGN KEY' AND table_name IN :t "
+                    "ORDER BY table_name, constraint_name"
+                ).bindparams(bindparam("t", expanding=True)),
+                {"t": list(tables)},
+            )
+        ]
+        for table, name in names:
+            conn.execute(text(f'ALTER TABLE "{table}" DROP CONSTRAINT "{name}"'))
+    return [name for _, name in names]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Fleet benchmark of the real chatsync sync path against the simulator.",
@@ -721,6 +754,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-file", default=os.devnull)
     p.add_argument("--keep", action="store_true", help="keep the scratch database")
+    p.add_argument(
+        "--drop-foreign-keys",
+        action="store_true",
+        help="experiment: drop the foreign keys of chats, history and events after migrating "
+        "(never done by chatsync; measures what the per-row checks cost)",
+    )
     p.add_argument(
         "--py-spy",
         metavar="FILE",
