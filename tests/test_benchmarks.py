@@ -115,3 +115,29 @@ def test_fleet_floor_only() -> None:
         assert t["chats_decoded"] >= INSTANCES * CHATS * 0.8
     assert summary["steady"]["floor_wall_s"] > 0
     assert "ratio_vs_floor" not in summary["steady"]
+
+
+@pytest.mark.postgres
+def test_fleet_drop_foreign_keys_experiment(request: pytest.FixtureRequest) -> None:
+    """``--drop-foreign-keys`` (docs/benchmarks.md, "Cold start") drops exactly the five
+    foreign keys of the chat-level tables in the scratch database, and the sync still
+    writes what it always does; db passes report their write groups."""
+    request.getfixturevalue("pg_admin")
+    from tests.conftest import PG_URL
+
+    assert PG_URL
+    lines = run_fleet("--database-url", PG_URL, "--no-floor", "--drop-foreign-keys")
+    check_common(lines, ["db"])
+    check_db(lines, "postgresql")
+    dropped = lines[0]["dropped_foreign_keys"]
+    assert sorted(dropped) == [
+        "fk_chat_ephemeral_history_chat",
+        "fk_chat_ephemeral_history_sync_run_id_sync_runs",
+        "fk_chat_events_instance_id_instances",
+        "fk_chat_events_sync_run_id_sync_runs",
+        "fk_chats_instance_id_instances",
+    ]
+    for t in lines[:-1]:
+        groups = t["write_groups"]
+        assert groups["count"] >= 1 and 1 <= groups["mean_size"] <= groups["max_size"]
+        assert groups["count"] * groups["mean_size"] == pytest.approx(INSTANCES, abs=0.05)
