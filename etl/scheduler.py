@@ -61,6 +61,12 @@ class Daemon:
                 "default": ThreadPoolExecutor(max_workers=max_workers),
                 # the liveness beat has a thread of its own: busy sync workers are not a hang
                 "liveness": ThreadPoolExecutor(max_workers=1),
+                # so has the replica heartbeat: behind a backlog of syncs (a first load of
+                # 10,000 instances) it waited ~50 s in the sync pool, and the other replicas
+                # would have counted this one dead; retention, which may take minutes,
+                # neither holds a sync worker nor delays the heartbeat
+                "replica": ThreadPoolExecutor(max_workers=1),
+                "maintenance": ThreadPoolExecutor(max_workers=1),
             },
             timezone="UTC",
         )
@@ -138,6 +144,7 @@ class Daemon:
                 self._heartbeat,
                 IntervalTrigger(seconds=self.leases.heartbeat_seconds, timezone="UTC"),
                 id="replica-heartbeat",
+                executor="replica",
                 max_instances=1,
                 coalesce=True,
             )
@@ -159,6 +166,7 @@ class Daemon:
                     timezone="UTC",
                 ),
                 id="retention",
+                executor="maintenance",
                 max_instances=1,
                 coalesce=True,
             )

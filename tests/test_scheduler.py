@@ -20,6 +20,7 @@ from sqlalchemy import Engine, Table, select
 from etl.client import GreenApiClient
 from etl.config import Instance
 from etl.db import downgrade, make_engine, upgrade
+from etl.leases import LeaseManager
 from etl.models import SyncRun
 from etl.scheduler import Daemon, stagger_offsets
 from etl.simulator import Fault, Simulator
@@ -143,6 +144,43 @@ def test_slow_api_keeps_requests_bounded(
         assert len(runs) == n
         assert {(r.status, r.error_kind) for r in runs} == {("failed", "timeout")}
         _assert_no_overlap(runs)
+
+
+class CountingLeases(LeaseManager):
+    """A real lease manager that also notes when each replica heartbeat ran."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.beats: list[float] = []
+
+    def heartbeat(self) -> None:
+        super().heartbeat()
+        self.beats.append(time.monotonic())
+
+
+@pytest.mark.parametrize(
+    "engine", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)  # replicas coordinate on PostgreSQL only
+def test_replica_heartbeat_keeps_time_while_every_sync_worker_is_busy(
+    sim: Simulator, engine: Engine, fast_client: GreenApiClient, interval_1s: list[Instance]
+) -> None:
+    """A backlog of syncs (one worker, three instances whose API answers only after the
+    fetch budget) does not delay the heartbeat: it has a thread of its own. In the sync
+    pool it waited behind the syncs, and other replicas would count this one dead."""
+    for inst in interval_1s:
+        sim.set_fault(inst.id_instance, Fault(delay=3.0))
+    leases = CountingLeases(engine, interval_1s, heartbeat_seconds=0.25)
+    daemon = Daemon(
+        syncer=Syncer(engine, fast_client), instances=interval_1s, max_workers=1, leases=leases
+    )
+    assert daemon.run_for(3.0) is True
+    beats = leases.beats[1:]  # the first is the one start() runs itself
+    gaps = [b - a for a, b in zip(beats, beats[1:], strict=False)]
+    assert len(beats) >= 8, f"{len(beats)} heartbeats in 3 s at 0.25 s"
+    assert max(gaps) < 0.75, gaps
+    # and the syncs were indeed queued up behind one another the whole time
+    assert sum(sim.request_count(i.id_instance) for i in interval_1s) <= 5
+    assert scalar(engine, "SELECT COUNT(*) FROM replicas") == 0  # released at shutdown
 
 
 class DbWriteLock:
