@@ -263,18 +263,11 @@ class SqlCounter:
     def attach(self, engine: Engine) -> None:
         event.listen(engine, "before_cursor_execute", self._before)
         event.listen(engine, "after_cursor_execute", self._after)
-        etl.db.copy_listeners.append(self._copy)  # COPY bypasses the cursor events
         # a combined statement's cursor counts only its last part's rows
         etl.db.written_listeners.append(self._written)
 
     def _written(self, table: str, rows: int) -> None:
         with self.lock:
-            self.rows[table] += rows
-
-    def _copy(self, table: str, rows: int) -> None:
-        with self.lock:
-            self.statements["COPY"] += 1
-            self.param_sets += rows
             self.rows[table] += rows
 
     def _before(

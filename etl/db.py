@@ -8,7 +8,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import orjson
 from alembic import command
@@ -21,9 +21,6 @@ from sqlalchemy.engine import CursorResult, make_url
 from sqlalchemy.exc import DBAPIError
 
 from etl.errors import DatabaseNotReady
-
-if TYPE_CHECKING:
-    import psycopg
 from etl.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -163,14 +160,6 @@ def dialect_insert(dialect: str, table: Table) -> postgresql.Insert | sqlite.Ins
     raise NotImplementedError(f"unsupported database: {dialect}")
 
 
-#: from this many rows on, plain inserts on PostgreSQL go through COPY: an instance's first
-#: load (500 chats + 500 history rows + 500 events) took 3.3 s for 100 instances with
-#: executemany, most of it SQLAlchemy building parameter sets and psycopg pipelining them
-COPY_MIN_ROWS = 64
-
-#: called with (table name, rows) after every COPY, which SQLAlchemy's cursor events do not
-#: see (the benchmarks count statements and rows through those events)
-copy_listeners: list[Callable[[str, int], None]] = []
 #: called with (table name, rows) for the rows a combined statement (``WITH ... INSERT``)
 #: wrote to each table: its cursor's row count covers only its last part
 written_listeners: list[Callable[[str, int], None]] = []
@@ -226,38 +215,6 @@ def pg_insert_rows(
     columns = tuple(rows[0])
     params = [row[c] for row in rows for c in columns]
     return conn.exec_driver_sql(pg_values_sql(table, columns, len(rows), suffix), tuple(params))
-
-
-def bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
-    """INSERT ``rows`` (all with the same keys): COPY on PostgreSQL when there are many."""
-    if not rows:
-        return
-    if conn.dialect.name != "postgresql":
-        conn.execute(table.insert(), list(rows))
-        return
-    if len(rows) < COPY_MIN_ROWS:
-        pg_insert_rows(conn, table.name, rows)
-        return
-    columns = list(rows[0])
-    raw = cast("psycopg.Connection[Any]", conn.connection.dbapi_connection)
-    names = ", ".join(f'"{c}"' for c in columns)
-    sql = f'COPY "{table.name}" ({names}) FROM STDIN'
-    try:
-        with raw.cursor() as cur, cur.copy(sql) as copy:
-            for row in rows:
-                copy.write_row([row[c] for c in columns])
-    except Exception as exc:
-        # COPY bypasses SQLAlchemy, so its driver errors arrive raw: wrap them like every
-        # other statement's, so that the caller's SQLAlchemyError handling (a failed tick
-        # recorded as `database`, the connection invalidated if it is gone) applies
-        dbapi = conn.dialect.loaded_dbapi
-        if isinstance(exc, dbapi.Error):
-            raise DBAPIError.instance(
-                sql, None, exc, dbapi.Error, connection_invalidated=raw.closed
-            ) from exc
-        raise
-    for listener in copy_listeners:
-        listener(table.name, len(rows))
 
 
 def instance_lock_key(instance_id: int) -> tuple[int, int]:

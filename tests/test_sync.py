@@ -629,8 +629,9 @@ def test_run_row_times_cover_the_database_writes(sim, engine, csyncer, inst):
 
 
 def test_first_load_in_bulk_keeps_every_byte_of_hostile_names(sim, engine, csyncer, inst):
-    """An instance's first load goes through COPY on PostgreSQL (>= 64 rows): names with
-    COPY's own escapes, quotes, control characters and non-BMP text arrive exactly."""
+    """An instance's first load goes as one JSON text on PostgreSQL (``_pg_write_first_load``):
+    names with JSON's and COPY's escapes, quotes, control characters and non-BMP text arrive
+    exactly."""
     nasty = [
         "tab\there",
         "new\nline",
@@ -693,9 +694,8 @@ def test_elements_skipped_as_unchanged_are_rechecked_after_another_writer(
 
 
 def test_a_write_that_the_database_rejects_fails_the_tick_cleanly(sim, engine, csyncer, inst):
-    """A first load (COPY on PostgreSQL, which bypasses SQLAlchemy) rejected by the
-    database: the tick is a recorded `database` failure, nothing is half-written, and the
-    next tick loads everything."""
+    """A first load rejected by the database: the tick is a recorded `database` failure,
+    nothing is half-written, and the next tick loads everything."""
     if engine.dialect.name == "postgresql":
         ddl = [
             "CREATE FUNCTION boom() RETURNS trigger AS $$ BEGIN IF NEW.name = 'boom' THEN "
