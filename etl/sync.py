@@ -362,6 +362,17 @@ LEFT OUTER JOIN chat_ephemeral_history h
 WHERE c.instance_id = %(iid)s AND c.chat_id = ANY(%(ids)s)
 """
 
+#: ``_PG_LOCK_AND_BUMP`` and ``_PG_LOAD_ROWS`` in one round trip: one row per stored chat
+#: read (the lock's columns repeated), or one row with a NULL ``chat_id`` when none is
+#: found or the lock was not free. A steady tick went from 4 statements to 2-3.
+_PG_LOCK_BUMP_AND_READ = _PG_LOCK_AND_BUMP.replace(
+    "\nSELECT l.got", f", r AS ({_PG_LOAD_ROWS})\nSELECT r.*, l.got"
+).replace("FROM l LEFT JOIN b ON true", "FROM l LEFT JOIN b ON true LEFT JOIN r ON l.got")
+assert _PG_LOCK_BUMP_AND_READ.count("r.*") == 1 and "JOIN r ON" in _PG_LOCK_BUMP_AND_READ
+
+#: chats read back per statement
+_READ_CHUNK = 5000
+
 _PG_UPSERT_CHATS_SUFFIX = " ON CONFLICT (instance_id, chat_id) DO UPDATE SET " + ", ".join(
     f"{c} = excluded.{c}" for c in _UPSERT_UPDATES
 )
@@ -371,10 +382,11 @@ _PG_MARK_REMOVED = (
     "UPDATE chats SET removed_at = %s, updated_at = %s WHERE instance_id = %s AND chat_id = ANY(%s)"
 )
 
+#: parameters: (rows as JSON, instance id); a part of ``_pg_write_tick``
 _PG_CLOSE_HISTORY = """
 UPDATE chat_ephemeral_history AS h SET valid_to = v.valid_to
-FROM json_to_recordset(%(rows)s::json) AS v (chat_id text, valid_to timestamptz)
-WHERE h.instance_id = %(iid)s AND h.chat_id = v.chat_id AND h.valid_to IS NULL
+FROM json_to_recordset(%s::json) AS v (chat_id text, valid_to timestamptz)
+WHERE h.instance_id = %s AND h.chat_id = v.chat_id AND h.valid_to IS NULL RETURNING 1
 """
 
 
@@ -626,30 +638,63 @@ class Syncer:
             attempts=fetched.attempts,
         )
         now = self.clock()
-        run_id, state = self._lock_and_bump(conn, item.instance.id_instance, now)
-        return outcome, self._apply(conn, item, outcome, run_id, state, now)
+        iid = item.instance.id_instance
+        prefetch = self._prefetch(conn, item)
+        run_id, state, stored = self._lock_and_bump(
+            conn, iid, now, prefetch.read_ids if prefetch else None
+        )
+        if prefetch is not None and stored is not None:
+            prefetch.stored = stored
+        return outcome, self._apply(conn, item, outcome, run_id, state, now, prefetch)
+
+    def _prefetch(self, conn: Connection, item: _Pending) -> _Prefetch | None:
+        """PostgreSQL, steady state: the chats to read back, judged against the cached
+        snapshot before the lock, so that the read rides on the lock's round trip."""
+        snap = self._snapshots.get(item.instance.id_instance)
+        if (
+            snap is None
+            or not _statements(conn.dialect.name).pg
+            or (item.decoded.unchanged and snap is not item.decoded_with)
+        ):
+            return None
+        candidates = _candidates(item.decoded, snap)
+        ids = [c.chat_id for c in candidates if c.chat_id in snap.fingerprints]
+        if not ids or len(ids) > _READ_CHUNK:
+            return None
+        return _Prefetch(snap, candidates, ids)
 
     @classmethod
     def _lock_and_bump(
-        cls, conn: Connection, iid: int, now: datetime
-    ) -> tuple[int | None, tuple[int, str | None, int]]:
-        """Take the instance's lock (``db.lock_instance``) and bump its state version.
+        cls, conn: Connection, iid: int, now: datetime, read_ids: list[str] | None = None
+    ) -> tuple[int | None, tuple[int, str | None, int], dict[str, Any] | None]:
+        """Take the instance's lock (``db.lock_instance``) and bump its state version;
+        with ``read_ids`` (PostgreSQL) also read those chats' stored rows.
 
-        PostgreSQL: one round trip when the lock is free (the usual case), ~10 % of a
-        steady tick's statements; a wait for the lock goes the long way.
+        PostgreSQL: one round trip when the lock is free (the usual case); a wait for the
+        lock goes the long way, and reads nothing. The rows are read in the statement's
+        snapshot, taken just before the lock: they are what ``_load_rows`` would read
+        after it unless another writer committed in between, and such a writer bumped the
+        version, so the caller's snapshot check (``version - 1``) throws them away.
         """
         if conn.dialect.name == "postgresql":
             key = instance_lock_key(iid)
-            row = conn.exec_driver_sql(
-                _PG_LOCK_AND_BUMP, {"k1": key[0], "k2": key[1], "iid": iid, "now": now}
-            ).one()
+            params = {"k1": key[0], "k2": key[1], "iid": iid, "now": now}
+            if read_ids:
+                rows = conn.exec_driver_sql(
+                    _PG_LOCK_BUMP_AND_READ, {**params, "ids": read_ids}
+                ).all()
+                row = rows[0]
+                stored = {r.chat_id: r for r in rows if r.chat_id is not None}
+            else:
+                row = conn.exec_driver_sql(_PG_LOCK_AND_BUMP, params).one()
+                stored = None
             if row.got:
                 for listener in written_listeners:
                     listener("instance_sync_state", 1)
                 state = (int(row.version), row.pending_removal_digest, row.pending_removal_streak)
-                return int(row.run_id), state
+                return int(row.run_id), state, stored
         run_id = lock_instance(conn, iid)
-        return run_id, cls._bump_state(conn, iid, now)
+        return run_id, cls._bump_state(conn, iid, now), None
 
     def _database_failure(self, item: _Pending, exc: SQLAlchemyError) -> SyncOutcome:
         """The failed outcome of a tick whose transaction failed (not yet recorded)."""
@@ -792,6 +837,7 @@ class Syncer:
         run_id: int | None,
         state: tuple[int, str | None, int],
         now: datetime,
+        prefetch: _Prefetch | None = None,
     ) -> Callable[[], None]:
         """Write one tick (the instance locked, its state bumped to ``state``); returns what
         to do once the transaction has committed."""
@@ -829,16 +875,18 @@ class Syncer:
         fingerprints = snap.fingerprints
         if not fingerprints and decoded.chats and _statements(conn.dialect.name).pg:
             return self._pg_first_load(conn, item, outcome, decoded, snap, version, run_id, now)
-        candidates = [
-            c
-            for c in decoded.chats
-            if not c.ephemeral_known
-            or c.chat_id in snap.removed
-            or fingerprints.get(c.chat_id) != _chat_fingerprint(c)
-        ]
-        stored = self._load_rows(
-            conn, iid, [c.chat_id for c in candidates if c.chat_id in fingerprints]
-        )
+        if (
+            prefetch is not None
+            and prefetch.stored is not None
+            and prefetch.snap is snap
+            and decoded is item.decoded
+        ):  # read with the lock, against this very snapshot (``_prefetch``)
+            candidates, stored = prefetch.candidates, prefetch.stored
+        else:
+            candidates = _candidates(decoded, snap)
+            stored = self._load_rows(
+                conn, iid, [c.chat_id for c in candidates if c.chat_id in fingerprints]
+            )
 
         inserts: list[dict[str, Any]] = []  # not in the table (the snapshot is exact)
         upserts: list[dict[str, Any]] = []
@@ -890,7 +938,6 @@ class Syncer:
         event_rows = _event_rows(iid, run_id, now, events, changed_ephemeral, starts)
         chat_rows = inserts + upserts
         if _statements(conn.dialect.name).pg:  # one round trip for all the tick's writes
-            self._close_history(conn, iid, closes)
             self._finish(outcome, t0)
             outcome.sync_run_id = _pg_write_tick(
                 conn,
@@ -898,6 +945,7 @@ class Syncer:
                 now,
                 chat_rows,
                 sorted(vanished),
+                closes,
                 history,
                 event_rows,
                 {**outcome.row(), "id": run_id},
@@ -991,8 +1039,8 @@ class Syncer:
         """Stored rows (with the open history row's start) of the chats that may have changed."""
         out: dict[str, Any] = {}
         stmts = _statements(conn.dialect.name)
-        for i in range(0, len(chat_ids), 5000):
-            params = {"iid": iid, "ids": chat_ids[i : i + 5000]}
+        for i in range(0, len(chat_ids), _READ_CHUNK):
+            params = {"iid": iid, "ids": chat_ids[i : i + _READ_CHUNK]}
             if stmts.pg:
                 rows = conn.exec_driver_sql(_PG_LOAD_ROWS, params)
             else:
@@ -1116,18 +1164,13 @@ class Syncer:
 
     @staticmethod
     def _close_history(conn: Connection, iid: int, closes: list[tuple[str, datetime]]) -> None:
-        """End the open history rows of the chats whose setting changed."""
-        if not closes:
-            return
-        stmts = _statements(conn.dialect.name)
-        if not stmts.pg:
+        """End the open history rows of the chats whose setting changed (SQLite; on
+        PostgreSQL a part of ``_pg_write_tick``)."""
+        if closes:
             conn.execute(
-                stmts.close_history,
+                _statements(conn.dialect.name).close_history,
                 [{"b_iid": iid, "b_chat_id": cid, "b_valid_to": to} for cid, to in closes],
             )
-            return
-        rows = pg_json_rows([{"chat_id": cid, "valid_to": to} for cid, to in closes])
-        conn.exec_driver_sql(_PG_CLOSE_HISTORY, {"rows": rows, "iid": iid})
 
 
 def _history_rows(
@@ -1203,17 +1246,22 @@ def _pg_write_tick(
     now: datetime,
     chat_rows: list[dict[str, Any]],
     vanished: list[str],
+    closes: list[tuple[str, datetime]],
     history: list[dict[str, Any]],
     events: list[dict[str, Any]],
     run: dict[str, Any],
 ) -> int:
     """A tick's writes on PostgreSQL in one statement: data-modifying CTEs for the chats
-    upsert, the removals, the new history rows, the events and the ``sync_runs`` row
-    (returns its id). A steady tick went from ~9 round trips to ~4 (with the lock, the read
-    back and the history closes, which must come first: one open row per chat is a unique
-    index, and the parts of one statement run in no set order). Big ticks too: at 30 % of
-    200 x 500 chats changing per tick this took 1.15 s a tick against 1.82 s for COPY and
-    multi-row ``VALUES`` (process CPU 0.64 against 1.34 s).
+    upsert, the removals, the history closes and new history rows, the events and the
+    ``sync_runs`` row (returns its id). Big ticks too: at 30 % of 200 x 500 chats changing
+    per tick this took 1.15 s a tick against 1.82 s for COPY and multi-row ``VALUES``
+    (process CPU 0.64 against 1.34 s).
+
+    The parts of one statement run in no set order, but one open history row per chat is
+    a unique index checked row by row: so the new rows' ``SELECT`` waits on the count of
+    the closed ones (an InitPlan, run to completion before the first row is inserted), and
+    a closed row, updated by this very transaction, is no longer a conflict. Folding the
+    closes in saved a round trip in the ~70 % of steady ticks that have one.
     The foreign keys from history and events to new chats are checked at the statement's
     end, when the chats are in."""
     w = _PgWrite()
@@ -1227,7 +1275,12 @@ def _pg_write_tick(
     rows_of("c", chats_t, chat_rows, _PG_UPSERT_CHATS_SUFFIX)
     if vanished:
         w.add("r", "chats", f"{_PG_MARK_REMOVED} RETURNING 1", now, now, iid, vanished)
-    rows_of("h", history_t, history, "")
+    after_closes = ""
+    if closes:
+        rows = pg_json_rows([{"chat_id": cid, "valid_to": to} for cid, to in closes])
+        w.add("k", "chat_ephemeral_history", _PG_CLOSE_HISTORY, rows, iid)
+        after_closes = " WHERE (SELECT count(*) FROM k) >= 0"
+    rows_of("h", history_t, history, after_closes)
     rows_of("e", events_t, events, "")
     return w.execute(conn, run)
 
@@ -1335,6 +1388,28 @@ class _Pending:
     wake: threading.Lock | None = None
     #: set once written: the tick's outcome, or what the writing thread raised
     result: SyncOutcome | BaseException | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Prefetch:
+    """A steady tick's read-back, sent with the lock (``Syncer._prefetch``)."""
+
+    snap: _Snapshot
+    candidates: list[ChatRecord]
+    read_ids: list[str]
+    stored: dict[str, Any] | None = None
+
+
+def _candidates(decoded: DecodedChats, snap: _Snapshot) -> list[ChatRecord]:
+    """The decoded chats that may differ from what ``snap`` says is stored."""
+    fingerprints = snap.fingerprints
+    return [
+        c
+        for c in decoded.chats
+        if not c.ephemeral_known
+        or c.chat_id in snap.removed
+        or fingerprints.get(c.chat_id) != _chat_fingerprint(c)
+    ]
 
 
 @dataclass(slots=True)

@@ -6,7 +6,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, event, select
 
 from etl.client import GreenApiClient
 from etl.models import Chat, ChatEphemeralHistory
@@ -691,6 +691,78 @@ def test_elements_skipped_as_unchanged_are_rechecked_after_another_writer(
     clock.advance(60)
     out = a.sync(inst)
     assert (out.chats_updated, out.chats_inserted, out.chats_received) == (0, 0, 100)
+
+
+def test_a_changed_element_is_judged_against_another_writers_rows(
+    sim, engine, fast_client, inst, clock
+):
+    """A's tick decides which chats to read back from what A itself last wrote (on
+    PostgreSQL that read goes out with the lock). B wrote in between, so A's choice is
+    stale: chat 3 looks unchanged to A but B renamed it. The tick must be judged against
+    the stored rows after all and put chat 3's name back."""
+    a = Syncer(engine, fast_client, clock=clock)
+    b = Syncer(engine, fast_client, clock=clock)
+    original = chats_list(20)
+    sim.set_chats(inst.id_instance, original)
+    assert a.sync(inst).chats_inserted == 20
+    clock.advance(60)
+    sim.set_chats(
+        inst.id_instance,
+        [dict(c, name="renamed by B") if i == 3 else c for i, c in enumerate(original)],
+    )
+    assert b.sync(inst).chats_updated == 1
+    clock.advance(60)
+    # no element byte-identical to what A applied (an extra field), so nothing is skipped
+    # unparsed; chat 5 renamed, so A has something to read back
+    expected = [dict(c, name="renamed by A") if i == 5 else c for i, c in enumerate(original)]
+    sim.set_chats(inst.id_instance, [dict(c, extra=1) for c in expected])
+    out = a.sync(inst)
+    assert (out.status, out.chats_updated) == ("ok", 2)
+    names = dict(rows(engine, "SELECT chat_id, name FROM chats"))
+    assert names == {c["id"]: c["name"] for c in expected}
+
+
+def test_a_steady_tick_is_two_statements_on_postgresql(sim, engine, csyncer, inst, clock):
+    """Lock + state bump + read back of the changed chats, then one statement for every
+    write (history closes included). The rows must be those of the long way."""
+    statements: list[str] = []
+    original = [chat(f"{i}@c.us", name=f"Chat {i}") for i in range(10)]
+    sim.set_chats(inst.id_instance, original)
+    csyncer.sync(inst)
+    changed_at = clock.advance(60) - timedelta(seconds=30)
+    steady = [
+        chat("0@c.us", name="Chat 0", expiration=86400, stamp=ts(changed_at)),  # close + open
+        chat("1@c.us", name="Renamed"),
+        *original[2:9],  # 9@c.us removed
+        chat("10@c.us", name="New"),
+    ]
+    sim.set_chats(inst.id_instance, steady)
+
+    def record(conn, cursor, sql, params, context, executemany):  # type: ignore[no-untyped-def]
+        statements.append(sql)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        out = csyncer.sync(inst)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert (out.status, out.chats_inserted, out.chats_updated, out.chats_removed) == (
+        "ok",
+        1,
+        2,
+        1,
+    )
+    assert out.ephemeral_changes == 1
+    if engine.dialect.name == "postgresql":
+        assert len(statements) == 2, statements
+    h = history(engine, inst.id_instance, "0@c.us")
+    assert [(r.ephemeral_expiration, as_utc(r.valid_to)) for r in h] == [
+        (0, changed_at),
+        (86400, None),
+    ]
+    check_history_invariants(engine)
+    names = dict(rows(engine, "SELECT chat_id, name FROM chats WHERE removed_at IS NULL"))
+    assert names == {c["id"]: c["name"] for c in steady}
 
 
 def test_a_write_that_the_database_rejects_fails_the_tick_cleanly(sim, engine, csyncer, inst):
