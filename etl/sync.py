@@ -364,7 +364,8 @@ WHERE c.instance_id = %(iid)s AND c.chat_id = ANY(%(ids)s)
 
 #: ``_PG_LOCK_AND_BUMP`` and ``_PG_LOAD_ROWS`` in one round trip: one row per stored chat
 #: read (the lock's columns repeated), or one row with a NULL ``chat_id`` when none is
-#: found or the lock was not free. A steady tick went from 4 statements to 2-3.
+#: found or the lock was not free. With the closes folded into the write (``_pg_write_tick``)
+#: a steady tick went from 4 statements to 2 (1,000 x 500: process CPU 2.60 -> 2.27 s a tick).
 _PG_LOCK_BUMP_AND_READ = _PG_LOCK_AND_BUMP.replace(
     "\nSELECT l.got", f", r AS ({_PG_LOAD_ROWS})\nSELECT r.*, l.got"
 ).replace("FROM l LEFT JOIN b ON true", "FROM l LEFT JOIN b ON true LEFT JOIN r ON l.got")
