@@ -6,9 +6,10 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, event, select, text
 
 from etl.client import GreenApiClient
+from etl.db import instance_lock_key
 from etl.models import Chat, ChatEphemeralHistory
 from etl.simulator import Fault, Simulator
 from etl.sync import Syncer, choose_valid_from, register_instances
@@ -720,6 +721,55 @@ def test_a_changed_element_is_judged_against_another_writers_rows(
     assert (out.status, out.chats_updated) == ("ok", 2)
     names = dict(rows(engine, "SELECT chat_id, name FROM chats"))
     assert names == {c["id"]: c["name"] for c in expected}
+
+
+def test_a_tick_that_waits_for_the_lock_judges_the_rows_written_meanwhile(
+    sim, engine, fast_client, inst, clock
+):
+    """Another writer holds the instance (on PostgreSQL its advisory lock, on SQLite the
+    write lock) and renames chat 5. A's tick, which renames it too, has to wait; whatever
+    it read before the wait (the read-back rides on the lock statement) is stale, and the
+    event must name B's value as the old one."""
+    a = Syncer(engine, fast_client, clock=clock)
+    iid = inst.id_instance
+    original = chats_list(10)
+    sim.set_chats(iid, original)
+    assert a.sync(inst).chats_inserted == 10
+    clock.advance(60)
+    # an extra field: no element byte-identical to A's last list, so every one is parsed
+    by_a = [dict(c, name="by A") if i == 5 else c for i, c in enumerate(original)]
+    sim.set_chats(iid, [dict(c, extra=1) for c in by_a])
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s, %s)", instance_lock_key(iid))
+            conn.execute(
+                text("UPDATE chats SET name = 'by B' WHERE chat_id = :c"), {"c": original[5]["id"]}
+            )
+            conn.execute(
+                text("UPDATE instance_sync_state SET version = version + 1 WHERE instance_id = :i"),
+                {"i": iid},
+            )
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert held.wait(5)
+    timer = threading.Timer(0.5, release.set)
+    timer.start()
+    try:
+        out = a.sync(inst)
+    finally:
+        release.set()
+        thread.join()
+    assert (out.status, out.chats_updated) == ("ok", 1)
+    renamed = rows(
+        engine, "SELECT old_value, new_value FROM chat_events WHERE event_type = 'renamed'"
+    )
+    assert [tuple(r) for r in renamed] == [("by B", "by A")]
 
 
 def test_a_steady_tick_is_two_statements_on_postgresql(sim, engine, csyncer, inst, clock):
