@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from etl import __version__
 from etl.client import GreenApiClient
+from etl.clock import utcnow
 from etl.config import AppConfig, Instance, load_config
 from etl.db import (
     current_revision,
@@ -36,7 +37,7 @@ from etl.redact import redact, redact_url
 from etl.retention import prune_sync_runs
 from etl.scheduler import Daemon
 from etl.status import ago, format_ms, instance_status, state, status_document, summary
-from etl.sync import Syncer, SyncOutcome, register_instances, utcnow
+from etl.sync import Syncer, SyncOutcome, register_instances
 from etl.web import Liveness, StatusServer
 
 log = logging.getLogger("etl.cli")

@@ -36,7 +36,7 @@ from tenacity import (
 
 from etl import USER_AGENT
 from etl.config import Instance
-from etl.errors import ApiError, PayloadError
+from etl.errors import ApiError, ErrorKind, PayloadError
 from etl.redact import install_log_redaction, redact
 
 log = logging.getLogger(__name__)
@@ -54,37 +54,41 @@ class FetchResult:
     attempts: int
 
 
-def classify_400(text: str) -> str:
+def classify_400(text: str) -> ErrorKind:
     """Map the text of a Green-API 400 answer to an ``error_kind``."""
     low = text.lower()
     if "starting process" in low:
-        return "starting"
+        return ErrorKind.STARTING
     if "not authorized" in low:
-        return "not_authorized"
+        return ErrorKind.NOT_AUTHORIZED
     if "expired" in low or "deleted" in low:
-        return "expired"
-    return "bad_request"
+        return ErrorKind.EXPIRED
+    return ErrorKind.BAD_REQUEST
 
 
-def _status_kind(status: int) -> tuple[str, bool]:
-    """(error_kind, retryable) for a non-200 status other than 400."""
-    if status == 401:
-        return "unauthorized", False
-    if status == 403:
-        return "forbidden", False
-    if status == 404:
-        return "not_found", False
-    if status == 429:
-        return "rate_limited", True
-    if status == 466:
-        return "quota_exceeded", False
-    if status in RETRYABLE_STATUSES:
-        return "server_error", True
-    if status >= 500:
-        return "server_error", False
-    if status >= 400:
-        return "bad_request", False
-    return "bad_payload", False
+_STATUS_KINDS = {
+    401: ErrorKind.UNAUTHORIZED,
+    403: ErrorKind.FORBIDDEN,
+    404: ErrorKind.NOT_FOUND,
+    429: ErrorKind.RATE_LIMITED,
+    466: ErrorKind.QUOTA_EXCEEDED,
+}
+
+
+def _status_kind(status: int) -> tuple[ErrorKind, bool]:
+    """(error_kind, retried within the tick) for a non-200 status other than 400."""
+    kind = _STATUS_KINDS.get(status)
+    if kind is None:
+        if status in RETRYABLE_STATUSES or status >= 500:
+            kind = ErrorKind.SERVER_ERROR
+        elif status >= 400:
+            kind = ErrorKind.BAD_REQUEST
+        else:
+            kind = ErrorKind.BAD_PAYLOAD
+    # of the server errors, only the statuses a retry may cure
+    return kind, kind.info.retried and (
+        kind != ErrorKind.SERVER_ERROR or status in RETRYABLE_STATUSES
+    )
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -190,7 +194,7 @@ class GreenApiClient:
                 # it is not an attempt (``attempts`` counts HTTP requests)
                 raise ApiError(
                     f"getChats on {host}: time budget exhausted",
-                    error_kind="timeout",
+                    error_kind=ErrorKind.TIMEOUT,
                     retryable=False,
                 )
             attempts += 1
@@ -248,7 +252,7 @@ class GreenApiClient:
         if remaining <= 0:
             raise ApiError(
                 f"getChats on {host}: time budget exhausted",
-                error_kind="timeout",
+                error_kind=ErrorKind.TIMEOUT,
                 retryable=False,
             )
         url = (
@@ -268,13 +272,13 @@ class GreenApiClient:
         except requests.Timeout as exc:
             raise ApiError(
                 f"getChats on {host}: timed out ({type(exc).__name__})",
-                error_kind="timeout",
+                error_kind=ErrorKind.TIMEOUT,
                 retryable=True,
             ) from None
         except requests.RequestException as exc:
             raise ApiError(
                 f"getChats on {host}: {type(exc).__name__}: {_short(redact(str(exc)))}",
-                error_kind="connection",
+                error_kind=ErrorKind.CONNECTION,
                 retryable=True,
             ) from None
 
@@ -283,7 +287,8 @@ class GreenApiClient:
             return FetchResult(body=body, http_status=status, attempts=attempt)
         if status == 400:
             text = body[:4096].decode("utf-8", "replace")
-            kind, retryable = classify_400(text), False
+            kind = classify_400(text)
+            retryable = kind.info.retried
         else:
             kind, retryable = _status_kind(status)
         raise ApiError(

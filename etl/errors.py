@@ -9,9 +9,126 @@
 
 No message in this tree ever contains an API token: the client builds every
 message itself from redacted parts instead of passing through library text.
+
+``ErrorKind`` names every value of ``sync_runs.error_kind``; ``ERROR_KINDS`` says what each
+one means (its status, cause, whether it is retried within the tick, when it backs off).
+The client, the sync, the status page and docs/errors.md all read that one table.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Backoff(StrEnum):
+    """When a run of failures of one kind makes the daemon poll an instance less often."""
+
+    FIRST = "from the first failure"
+    AFTER_N = "after backoff_after_transient_failures in a row"
+    NEVER = "never"
+    NOT_A_FAILURE = "—"
+
+
+@dataclass(frozen=True, slots=True)
+class KindInfo:
+    """What one ``error_kind`` means: the table in docs/errors.md is this, row by row."""
+
+    #: the ``sync_runs.status`` a tick of this kind records
+    status: str
+    #: what causes it
+    cause: str
+    #: whether the client tries again within the same tick
+    retried: bool
+    backoff: Backoff
+
+
+class ErrorKind(StrEnum):
+    """The ``sync_runs.error_kind`` values. Their meaning is ``ERROR_KINDS[kind]``."""
+
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    NOT_AUTHORIZED = "not_authorized"
+    STARTING = "starting"
+    EXPIRED = "expired"
+    BAD_REQUEST = "bad_request"
+    RATE_LIMITED = "rate_limited"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    SERVER_ERROR = "server_error"
+    TIMEOUT = "timeout"
+    CONNECTION = "connection"
+    BAD_PAYLOAD = "bad_payload"
+    DATABASE = "database"
+    EMPTY_RESPONSE = "empty_response"
+    MASS_REMOVAL = "mass_removal"
+
+    @property
+    def info(self) -> KindInfo:
+        return ERROR_KINDS[self]
+
+
+_F, _A = "failed", "anomaly"
+#: one row per kind; docs/errors.md prints this table and a test keeps the two in step
+ERROR_KINDS: dict[ErrorKind, KindInfo] = {
+    ErrorKind.UNAUTHORIZED: KindInfo(
+        _F, "HTTP 401: a wrong apiTokenInstance", False, Backoff.FIRST
+    ),
+    ErrorKind.FORBIDDEN: KindInfo(_F, "HTTP 403: a wrong idInstance or URL", False, Backoff.FIRST),
+    ErrorKind.NOT_FOUND: KindInfo(_F, "HTTP 404: a wrong method or path", False, Backoff.FIRST),
+    ErrorKind.NOT_AUTHORIZED: KindInfo(
+        _F, "HTTP 400 `…not authorized`: the phone is not linked", False, Backoff.FIRST
+    ),
+    ErrorKind.STARTING: KindInfo(
+        _F, "HTTP 400 `…starting process…`: the instance is (re)starting", False, Backoff.AFTER_N
+    ),
+    ErrorKind.EXPIRED: KindInfo(
+        _F,
+        "HTTP 400 `…expired` or `…deleted`: billing, or the instance is gone",
+        False,
+        Backoff.FIRST,
+    ),
+    ErrorKind.BAD_REQUEST: KindInfo(
+        _F, "any other HTTP 400, or another 4xx status", False, Backoff.FIRST
+    ),
+    ErrorKind.RATE_LIMITED: KindInfo(
+        _F, "HTTP 429 (a `Retry-After` header is honoured)", True, Backoff.AFTER_N
+    ),
+    ErrorKind.QUOTA_EXCEEDED: KindInfo(
+        _F,
+        "HTTP 466: the plan's quota (the body's statuses go into `error`)",
+        False,
+        Backoff.FIRST,
+    ),
+    ErrorKind.SERVER_ERROR: KindInfo(
+        _F,
+        "HTTP 499, 500, 502, 503, 504 (retried); any other 5xx (not retried)",
+        True,
+        Backoff.AFTER_N,
+    ),
+    ErrorKind.TIMEOUT: KindInfo(
+        _F, "no answer within the timeouts or the tick's budget", True, Backoff.AFTER_N
+    ),
+    ErrorKind.CONNECTION: KindInfo(_F, "the API could not be reached", True, Backoff.AFTER_N),
+    ErrorKind.BAD_PAYLOAD: KindInfo(
+        _F, "a 200 whose body is not a JSON array (or is too large)", False, Backoff.AFTER_N
+    ),
+    ErrorKind.DATABASE: KindInfo(
+        _F,
+        "the write transaction failed (written to `sync_runs` once the database answers)",
+        False,
+        Backoff.NEVER,
+    ),
+    ErrorKind.EMPTY_RESPONSE: KindInfo(
+        _A, "getChats answered `[]`; nothing applied", False, Backoff.NOT_A_FAILURE
+    ),
+    ErrorKind.MASS_REMOVAL: KindInfo(
+        _A,
+        "too many known chats vanished at once; held until confirmed",
+        False,
+        Backoff.NOT_A_FAILURE,
+    ),
+}
 
 
 class EtlError(Exception):
@@ -33,7 +150,7 @@ class SyncError(EtlError):
         self,
         message: str,
         *,
-        error_kind: str,
+        error_kind: ErrorKind,
         http_status: int | None = None,
         attempts: int = 0,
     ) -> None:
@@ -54,7 +171,7 @@ class ApiError(SyncError):
         self,
         message: str,
         *,
-        error_kind: str,
+        error_kind: ErrorKind,
         http_status: int | None = None,
         attempts: int = 0,
         retryable: bool = False,
@@ -70,5 +187,5 @@ class PayloadError(SyncError):
 
     def __init__(self, message: str, *, http_status: int | None = 200, attempts: int = 0) -> None:
         super().__init__(
-            message, error_kind="bad_payload", http_status=http_status, attempts=attempts
+            message, error_kind=ErrorKind.BAD_PAYLOAD, http_status=http_status, attempts=attempts
         )

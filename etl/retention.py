@@ -18,8 +18,8 @@ from typing import cast
 
 from sqlalchemy import Connection, Engine, Table, delete, select, update
 
+from etl.clock import utcnow
 from etl.models import ChatEphemeralHistory, ChatEvent, SyncRun
-from etl.sync import utcnow
 
 log = logging.getLogger(__name__)
 

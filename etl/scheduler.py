@@ -16,11 +16,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy.exc import SQLAlchemyError
 
+from etl.clock import utcnow
 from etl.config import Instance, RetentionSettings
 from etl.leases import LeaseManager
 from etl.metrics import Metrics
 from etl.retention import prune_sync_runs
-from etl.sync import Syncer, SyncOutcome, utcnow
+from etl.sync import Syncer, SyncOutcome
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from typing import Any
 
 from sqlalchemy import Boolean, Connection, Engine, Integer, Text, bindparam, text
 
+from etl.clock import utcnow
 from etl.db import read_only
 from etl.models import SYNC_STATUSES, UTCDateTime
 from etl.redact import redact
-from etl.sync import utcnow
 
 
 @dataclass(frozen=True, slots=True)

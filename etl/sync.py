@@ -17,7 +17,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import orjson
@@ -25,6 +25,7 @@ from sqlalchemy import Connection, Engine, Table, and_, bindparam, insert, selec
 from sqlalchemy.exc import SQLAlchemyError
 
 from etl.client import GreenApiClient
+from etl.clock import utcnow
 from etl.config import Instance
 from etl.db import (
     dialect_insert,
@@ -61,10 +62,6 @@ GROUP_WRITERS = 4
 #: how far in the future an API timestamp may be and still be trusted (clock skew)
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 _EPSILON = timedelta(microseconds=1)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(slots=True)

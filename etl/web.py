@@ -27,6 +27,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from etl import __version__
+from etl.clock import utcnow
 from etl.db import head_revision, read_only
 from etl.metrics import Metrics
 from etl.models import SYNC_STATUSES
@@ -43,7 +44,6 @@ from etl.status import (
     state,
     summary,
 )
-from etl.sync import utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
