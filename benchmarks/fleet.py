@@ -72,7 +72,7 @@ from pydantic import SecretStr  # noqa: E402
 from sqlalchemy import Engine, bindparam, create_engine, event, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-import etl.db  # noqa: E402
+import etl.sync.store  # noqa: E402
 from etl.client import GreenApiClient  # noqa: E402
 from etl.config import Instance  # noqa: E402
 from etl.db import make_engine, normalise_url, upgrade  # noqa: E402
@@ -264,7 +264,7 @@ class SqlCounter:
         event.listen(engine, "before_cursor_execute", self._before)
         event.listen(engine, "after_cursor_execute", self._after)
         # a combined statement's cursor counts only its last part's rows
-        etl.db.written_listeners.append(self._written)
+        etl.sync.store.written_listeners.append(self._written)
 
     def _written(self, table: str, rows: int) -> None:
         with self.lock:

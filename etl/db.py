@@ -1,23 +1,24 @@
-"""Engine factory, dialect specifics and Alembic helpers. The one place that knows dialects."""
+"""Engine factory, connection settings per dialect, and Alembic helpers.
+
+What a database needs of its connections (SQLite's pragmas and BEGIN IMMEDIATE,
+PostgreSQL's timeouts and keepalives) is here; the SQL a tick runs on each database is
+in its store (``etl.sync.store``).
+"""
 
 from __future__ import annotations
 
-import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, Table, create_engine, event
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import CursorResult, make_url
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from etl.errors import DatabaseNotReady
@@ -149,105 +150,6 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
         pool_pre_ping=True,
         pool_recycle=1800,
     )
-
-
-def dialect_insert(dialect: str, table: Table) -> postgresql.Insert | sqlite.Insert:
-    """A dialect insert that supports ON CONFLICT (PostgreSQL and SQLite)."""
-    if dialect == "postgresql":
-        return postgresql.insert(table)
-    if dialect == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"unsupported database: {dialect}")
-
-
-#: called with (table name, rows) for the rows a combined statement (``WITH ... INSERT``)
-#: wrote to each table: its cursor's row count covers only its last part
-written_listeners: list[Callable[[str, int], None]] = []
-
-
-@functools.lru_cache(maxsize=512)
-def pg_values_sql(table: str, columns: tuple[str, ...], rows: int, suffix: str = "") -> str:
-    """``INSERT INTO table (columns) VALUES (%s, ...), ... suffix``: ``rows`` rows in one
-    statement for psycopg.
-
-    The hot statements of a tick go to PostgreSQL as driver SQL: SQLAlchemy Core's
-    per-execute work (cache lookup, bind processing per parameter set) and psycopg's
-    executemany pipeline cost ~130 us of CPU for a 5-row insert against ~50 us this way
-    (measured), and a tick runs about nine statements.
-    """
-    names = ", ".join(f'"{c}"' for c in columns)
-    row = "(" + ", ".join(["%s"] * len(columns)) + ")"
-    # names are this schema's own (never data); values go as bind parameters
-    return f'INSERT INTO "{table}" ({names}) VALUES {", ".join([row] * rows)}{suffix}'  # noqa: S608
-
-
-@functools.lru_cache(maxsize=128)
-def pg_json_insert_sql(table: Table, columns: tuple[str, ...], suffix: str = "") -> str:
-    """``INSERT INTO table (columns) SELECT ... FROM json_to_recordset(%s::json)``: any
-    number of rows as one JSON parameter (``pg_json_rows``).
-
-    One statement text whatever the row count: psycopg parses the placeholders of a
-    statement over 4 kB or 50 parameters again on every execute (6 % of a steady tick's
-    CPU with multi-row ``VALUES``), and one JSON text is dumped by orjson in C, where
-    arrays per column (``unnest``) cost more in psycopg's list adapter than they saved.
-    """
-    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
-    names = ", ".join(f'"{c}"' for c in columns)
-    record = ", ".join(f'"{c}" {table.c[c].type.compile(dialect=dialect)}' for c in columns)
-    # names and types are this schema's own (never data); the rows go as a bind parameter
-    return (
-        f'INSERT INTO "{table.name}" ({names}) SELECT {names} '  # noqa: S608
-        f"FROM json_to_recordset(%s::json) AS x ({record}){suffix}"
-    )
-
-
-def pg_json_rows(rows: Sequence[Mapping[str, Any]]) -> str:
-    """``rows`` as the JSON parameter of ``pg_json_insert_sql`` (datetimes as ISO 8601 with
-    their offset, which ``timestamptz`` reads back exactly)."""
-    return orjson.dumps(rows).decode()
-
-
-def pg_insert_rows(
-    conn: Connection, table: str, rows: Sequence[Mapping[str, Any]], suffix: str = ""
-) -> CursorResult[Any]:
-    """INSERT a few rows (same keys) in one driver statement (``suffix``: ON CONFLICT,
-    RETURNING)."""
-    columns = tuple(rows[0])
-    params = [row[c] for row in rows for c in columns]
-    return conn.exec_driver_sql(pg_values_sql(table, columns, len(rows), suffix), tuple(params))
-
-
-def instance_lock_key(instance_id: int) -> tuple[int, int]:
-    """The two-int advisory lock key of one instance's writers on PostgreSQL."""
-    return (4242, instance_id % 2**31)
-
-
-def lock_instance(conn: Connection, instance_id: int) -> int | None:
-    """Serialise writers of one instance across processes, until the transaction ends.
-
-    PostgreSQL: a transaction-level advisory lock (a wait is logged), taken in the same
-    round trip that reserves the next ``sync_runs.id`` (returned, so the run row can be
-    written last with its real end time). SQLite: BEGIN IMMEDIATE already holds the
-    database write lock; returns None (the run row is inserted first).
-    """
-    if conn.dialect.name != "postgresql":
-        return None
-    key = instance_lock_key(instance_id)
-    got, run_id = conn.exec_driver_sql(
-        "SELECT pg_try_advisory_xact_lock(%s, %s), "
-        "nextval(pg_get_serial_sequence('sync_runs', 'id'))",
-        key,
-    ).one()
-    if not got:
-        log.info("instance %s: another process is syncing it; waiting", instance_id)
-        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s, %s)", key)
-    return int(run_id)
-
-
-def lock_registry(conn: Connection) -> None:
-    """Serialise writers of the ``instances`` table (replicas starting together)."""
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s, %s)", (4243, 0))
 
 
 def alembic_config(url: str | None = None, connection: Connection | None = None) -> AlembicConfig:

@@ -189,3 +189,8 @@ class PayloadError(SyncError):
         super().__init__(
             message, error_kind=ErrorKind.BAD_PAYLOAD, http_status=http_status, attempts=attempts
         )
+
+
+def error_kind(value: str | None) -> ErrorKind | None:
+    """The kind named by a stored ``error_kind`` (None for NULL or a value of no kind)."""
+    return ErrorKind._value2member_map_.get(value) if value is not None else None  # type: ignore[return-value]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -16,6 +16,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Table,
     Text,
     text,
 )
@@ -225,3 +226,13 @@ class Replica(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime]
     heartbeat_at: Mapped[datetime]
+
+
+# The tables as SQLAlchemy Core sees them, for the statements that do not go through the ORM.
+instances_t = cast(Table, InstanceRow.__table__)
+chats_t = cast(Table, Chat.__table__)
+history_t = cast(Table, ChatEphemeralHistory.__table__)
+runs_t = cast(Table, SyncRun.__table__)
+events_t = cast(Table, ChatEvent.__table__)
+state_t = cast(Table, InstanceSyncState.__table__)
+replicas_t = cast(Table, Replica.__table__)

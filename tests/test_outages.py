@@ -37,7 +37,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 import etl.db
-import etl.sync
+import etl.sync.backlog
 from etl.client import GreenApiClient
 from etl.config import FileConfig
 from etl.db import make_engine, upgrade
@@ -824,7 +824,7 @@ def test_failed_ticks_kept_during_an_outage_are_bounded_and_written_in_order(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(etl.db, "SQLITE_BUSY_TIMEOUT_MS", 50)
-    monkeypatch.setattr(etl.sync, "UNRECORDED_LIMIT", 3)
+    monkeypatch.setattr(etl.sync.backlog, "UNRECORDED_LIMIT", 3)
     caplog.set_level(logging.INFO, logger="etl")
     db_url, path = sqlite_file
     engine = make_engine(db_url)

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import Engine, event, select, text
 
 from etl.client import GreenApiClient
-from etl.db import instance_lock_key
+from etl.sync.store.postgresql import instance_lock_key
 from etl.models import Chat, ChatEphemeralHistory
 from etl.simulator import Fault, Simulator
 from etl.sync import Syncer, choose_valid_from, register_instances

@@ -1,0 +1,103 @@
+"""Each instance's health in this process: failures in a row, and when it is due again.
+
+An instance that keeps failing is polled at doubling intervals instead of every interval:
+from the first failure for kinds that retrying soon will not cure, after
+``backoff_after_transient_failures`` in a row for transient ones, never for database
+failures (the instance is fine; our side is not). ``ERROR_KINDS`` says which is which.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from etl.config import Instance
+from etl.errors import Backoff, error_kind
+from etl.sync.outcome import SyncOutcome
+
+log = logging.getLogger(__name__)
+
+
+def backoff_seconds(instance: Instance, failures: int, kind: str | None) -> int | None:
+    """Delay before the next sync after ``failures`` consecutive failed ticks, or None
+    for the normal interval. Doubles per failure, capped at ``backoff_max_seconds``."""
+    known = error_kind(kind)
+    rule = known.info.backoff if known is not None else Backoff.AFTER_N
+    if failures <= 0 or rule == Backoff.NEVER:
+        return None
+    if rule == Backoff.FIRST:
+        exponent = failures
+    else:
+        exponent = failures - instance.backoff_after_transient_failures + 1
+    if exponent <= 0:
+        return None
+    interval = instance.interval_seconds
+    cap = max(interval, instance.backoff_max_seconds)
+    delay = min(cap, interval * 2 ** min(exponent, 30))
+    return delay if delay > interval else None
+
+
+@dataclass(slots=True)
+class _Health:
+    failures: int = 0
+    kind: str | None = None
+    next_due: float = 0.0  # on the monotonic clock
+
+
+class HealthBook:
+    """Consecutive failures and the next due time of every instance this process syncs."""
+
+    def __init__(self, monotonic: Callable[[], float]) -> None:
+        self.monotonic = monotonic
+        self._health: dict[int, _Health] = {}
+
+    def due(self, instance: Instance) -> bool:
+        """False while the instance is backing off after failures (the daemon skips it)."""
+        health = self._health.get(instance.id_instance)
+        return health is None or self.monotonic() >= health.next_due
+
+    def consecutive_failures(self, instance_id: int) -> int:
+        health = self._health.get(instance_id)
+        return health.failures if health else 0
+
+    def note(self, instance: Instance, outcome: SyncOutcome) -> None:
+        """Count the tick and decide the instance's next due time; sets the outcome's
+        ``backoff_seconds``."""
+        health = self._health.setdefault(instance.id_instance, _Health())
+        if outcome.status == "failed":
+            health.failures += 1
+            health.kind = outcome.error_kind
+        else:
+            health.failures, health.kind = 0, None
+        outcome.backoff_seconds = backoff_seconds(instance, health.failures, health.kind)
+        # a little early, so scheduler jitter never makes us skip the tick that is due
+        delay = outcome.backoff_seconds or 0
+        health.next_due = self.monotonic() + max(0.0, delay - 1.0)
+        if outcome.backoff_seconds:
+            log.warning(
+                "instance %s: %d consecutive failures (%s), backing off: next sync in %ds",
+                instance.id_instance,
+                health.failures,
+                health.kind,
+                outcome.backoff_seconds,
+            )
+
+    def restore(self, instance: Instance, recent: Sequence[Any], now: datetime) -> None:
+        """Resume backoff after a restart from the instance's latest ``sync_runs`` rows
+        (``status``, ``error_kind``, ``started_at``; newest first)."""
+        failures = 0
+        for row in recent:
+            if row.status != "failed":
+                break
+            failures += 1
+        if not failures:
+            return
+        delay = backoff_seconds(instance, failures, recent[0].error_kind)
+        elapsed = (now - recent[0].started_at).total_seconds()
+        health = _Health(failures, recent[0].error_kind)
+        if delay is not None:
+            health.next_due = self.monotonic() + max(0.0, delay - elapsed)
+        self._health[instance.id_instance] = health

@@ -1,0 +1,225 @@
+"""The store: every read and write a tick makes, for one database.
+
+One class per database, chosen once from the engine (``store_for``), as Alembic chooses
+its ``DefaultImpl`` per dialect. ``Store`` holds what every database shares (SQLAlchemy
+Core statements); a subclass adds the instance lock and whatever it writes its own way.
+A third database is a new subclass with its ``dialect`` name, not new branches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar, cast
+
+from sqlalchemy import Connection, Table, and_, bindparam, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from etl.models import chats_t, history_t, runs_t, state_t
+from etl.sync.guards import GuardState
+from etl.sync.plan import FirstLoad, StoredChat, TickPlan
+from etl.sync.snapshot import Snapshot
+
+#: called with (table name, rows) for the rows a combined statement (``WITH ... INSERT``)
+#: wrote to each table: its cursor's row count covers only its last part (benchmarks
+#: count rows this way)
+written_listeners: list[Callable[[str, int], None]] = []
+
+#: the columns a re-seen chat's upsert overwrites (``first_seen_at`` is kept)
+UPSERT_UPDATES = (
+    "chat_type",
+    "name",
+    "archived",
+    "ephemeral_expiration",
+    "ephemeral_setting_at",
+    "updated_at",
+    "removed_at",
+)
+
+#: what a tick compares a chat with (the snapshot's fingerprint and the full diff)
+STORED_CHAT = (
+    chats_t.c.chat_id,
+    chats_t.c.chat_type,
+    chats_t.c.name,
+    chats_t.c.archived,
+    chats_t.c.ephemeral_expiration,
+    chats_t.c.ephemeral_setting_at,
+    chats_t.c.removed_at,
+)
+
+#: the run row's final values, a callable so that the store decides when the tick ends
+#: (it stamps ``finished_at`` and ``duration_ms`` each time it is called)
+RunRow = Callable[[], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Locked:
+    """The instance's lock, held until the transaction ends, and its state just bumped."""
+
+    #: the ``sync_runs.id`` reserved for this tick, or None where the store inserts the run
+    #: row first and learns its id then
+    run_id: int | None
+    #: the state's version after the bump (see ``etl.sync.snapshot``)
+    version: int
+    guard: GuardState
+    #: the stored rows of the ``read_ids`` asked for, when read with the lock
+    stored: dict[str, StoredChat] | None = None
+
+
+class Store:
+    """What every database shares; subclasses set ``dialect`` and implement the rest."""
+
+    #: the SQLAlchemy dialect name this store serves
+    dialect: ClassVar[str]
+    #: whether ``lock`` can read chats in the same round trip (``read_ids``)
+    reads_with_lock: ClassVar[bool] = False
+    #: chats read back per statement
+    read_chunk: ClassVar[int] = 5000
+    _by_dialect: ClassVar[dict[str, type[Store]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Store._by_dialect[cls.dialect] = cls
+
+    @classmethod
+    def by_dialect(cls) -> dict[str, type[Store]]:
+        """Every store class, by the dialect it serves."""
+        return dict(Store._by_dialect)
+
+    @staticmethod
+    def insert(table: Table) -> postgresql.Insert | sqlite.Insert:
+        """An INSERT that supports ON CONFLICT, in this dialect."""
+        raise NotImplementedError
+
+    def __init__(self) -> None:
+        # Built once: building and hashing a statement (an upsert with seven ``excluded``
+        # columns above all) on every execute would cost more than running it; a
+        # prebuilt one reuses its cache key and compiled form.
+        bump = self.insert(state_t).values(
+            instance_id=bindparam("iid"),
+            pending_removal_streak=0,
+            updated_at=bindparam("now"),
+            version=1,
+        )
+        self.bump_state = bump.on_conflict_do_update(
+            index_elements=[state_t.c.instance_id],
+            set_={"version": state_t.c.version + 1},
+        ).returning(
+            state_t.c.version, state_t.c.pending_removal_digest, state_t.c.pending_removal_streak
+        )
+        upsert = self.insert(chats_t)
+        self.upsert_chats = upsert.on_conflict_do_update(
+            index_elements=[chats_t.c.instance_id, chats_t.c.chat_id],
+            set_={c: upsert.excluded[c] for c in UPSERT_UPDATES},
+        )
+        self.load_rows_stmt = (
+            select(*STORED_CHAT, history_t.c.valid_from.label("open_from"))
+            .select_from(
+                chats_t.outerjoin(
+                    history_t,
+                    and_(
+                        history_t.c.instance_id == chats_t.c.instance_id,
+                        history_t.c.chat_id == chats_t.c.chat_id,
+                        history_t.c.valid_to.is_(None),
+                    ),
+                )
+            )
+            .where(
+                chats_t.c.instance_id == bindparam("iid"),
+                chats_t.c.chat_id.in_(bindparam("ids", expanding=True)),
+            )
+        )
+        self.insert_run = insert(runs_t).returning(runs_t.c.id)
+
+    # -- the instance's lock and state --------------------------------------------------
+
+    def lock(self, conn: Connection, iid: int, now: datetime, read_ids: list[str] | None) -> Locked:
+        """Serialise the writers of one instance across processes until the transaction
+        ends, and bump its state version (creating the row). With ``read_ids`` (where
+        ``reads_with_lock``), also read those chats' stored rows."""
+        raise NotImplementedError
+
+    def bump(self, conn: Connection, iid: int, now: datetime) -> tuple[int, GuardState]:
+        """Bump the instance's state version; return it with the stored guard state."""
+        row = conn.execute(self.bump_state, {"iid": iid, "now": now}).one()
+        guard = GuardState(row.pending_removal_digest, int(row.pending_removal_streak))
+        return int(row.version), guard
+
+    def lock_registry(self, conn: Connection) -> None:
+        """Serialise the writers of the ``instances`` table (replicas starting together)."""
+
+    def save_guard_state(
+        self, conn: Connection, iid: int, state: GuardState, now: datetime
+    ) -> None:
+        conn.execute(
+            update(state_t)
+            .where(state_t.c.instance_id == iid)
+            .values(
+                pending_removal_digest=state.sample,
+                pending_removal_streak=state.streak,
+                updated_at=now,
+            )
+        )
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def load_snapshot(self, conn: Connection, iid: int) -> Snapshot:
+        """Every stored chat of the instance, as fingerprints."""
+        snap = Snapshot()
+        for r in conn.execute(select(*STORED_CHAT).where(chats_t.c.instance_id == iid)):
+            snap.add_stored(
+                r.chat_id,
+                r.chat_type,
+                r.name,
+                r.archived,
+                r.ephemeral_expiration,
+                r.ephemeral_setting_at,
+                r.removed_at,
+            )
+        return snap
+
+    def load_rows(self, conn: Connection, iid: int, chat_ids: list[str]) -> dict[str, StoredChat]:
+        """Stored rows (with the open history period's start) of the chats that may have
+        changed."""
+        out: dict[str, StoredChat] = {}
+        for i in range(0, len(chat_ids), self.read_chunk):
+            params = {"iid": iid, "ids": chat_ids[i : i + self.read_chunk]}
+            out.update({r.chat_id: cast(StoredChat, r) for r in self._read(conn, params)})
+        return out
+
+    def _read(self, conn: Connection, params: dict[str, Any]) -> Sequence[Any]:
+        return conn.execute(self.load_rows_stmt, params).all()
+
+    def recent_runs(self, conn: Connection, iid: int, limit: int = 64) -> Sequence[Any]:
+        """The instance's latest runs, newest first: ``status, error_kind, started_at``."""
+        return conn.execute(
+            select(runs_t.c.status, runs_t.c.error_kind, runs_t.c.started_at)
+            .where(runs_t.c.instance_id == iid)
+            .order_by(runs_t.c.started_at.desc(), runs_t.c.id.desc())
+            .limit(limit)
+        ).all()
+
+    # -- writes --------------------------------------------------------------------------
+
+    def write_run(self, conn: Connection, locked: Locked, row: dict[str, Any]) -> int:
+        """The run row of a tick that applies nothing (an anomaly); returns its id."""
+        raise NotImplementedError
+
+    def write_tick(self, conn: Connection, locked: Locked, plan: TickPlan, run: RunRow) -> int:
+        """Every write of ``plan`` and the run row; returns the run's id."""
+        raise NotImplementedError
+
+    def write_first_load(
+        self, conn: Connection, locked: Locked, load: FirstLoad, run: RunRow
+    ) -> int:
+        """A first load; by default the same writes as any tick."""
+        return self.write_tick(conn, locked, load.expand(), run)
+
+    def write_failure(self, conn: Connection, row: dict[str, Any]) -> int:
+        """The run row of a failed tick, in a transaction of its own; returns its id."""
+        return int(conn.execute(insert(runs_t).values(**row).returning(runs_t.c.id)).scalar_one())
+
+    def write_failures(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Failed ticks kept while the database was unreachable."""
+        conn.execute(insert(runs_t), rows)

@@ -1,0 +1,114 @@
+"""PostgreSQL: an advisory lock per instance, and every write of a tick in one statement.
+
+The lock, the reservation of the run's id, the state bump and (in a steady tick) the
+read-back of the chats that may have changed share one round trip; the writes and the
+run row share a second one (``pg_sql``). Foreign keys to ``sync_runs`` are deferred, so
+the run row can be written last, with its real end time.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Connection
+from sqlalchemy.dialects import postgresql
+
+from etl.sync.guards import GuardState
+from etl.sync.plan import FirstLoad, StoredChat, TickPlan
+from etl.sync.store import pg_sql
+from etl.sync.store.base import Locked, RunRow, Store, written_listeners
+
+log = logging.getLogger(__name__)
+
+
+def instance_lock_key(instance_id: int) -> tuple[int, int]:
+    """The two-int advisory lock key of one instance's writers."""
+    return (4242, instance_id % 2**31)
+
+
+#: the advisory lock key of the ``instances`` table's writers
+REGISTRY_LOCK_KEY = (4243, 0)
+
+
+class PostgresStore(Store):
+    dialect = "postgresql"
+    reads_with_lock = True
+    insert = staticmethod(postgresql.insert)
+
+    def lock(self, conn: Connection, iid: int, now: datetime, read_ids: list[str] | None) -> Locked:
+        """One round trip when the lock is free (the usual case); a wait for the lock goes
+        the long way, and reads nothing.
+
+        The rows are read in the statement's snapshot, taken just before the lock: they
+        are what ``load_rows`` would read after it unless another writer committed in
+        between, and such a writer bumped the version, so the caller's snapshot check
+        (``version - 1``) throws them away.
+        """
+        k1, k2 = instance_lock_key(iid)
+        params = {"k1": k1, "k2": k2, "iid": iid, "now": now}
+        stored: dict[str, StoredChat] | None = None
+        if read_ids:
+            rows = conn.exec_driver_sql(pg_sql.LOCK_BUMP_AND_READ, {**params, "ids": read_ids})
+            found = rows.all()
+            row = found[0]
+            stored = {r.chat_id: cast(StoredChat, r) for r in found if r.chat_id is not None}
+        else:
+            row = conn.exec_driver_sql(pg_sql.LOCK_AND_BUMP, params).one()
+        if row.got:
+            for listener in written_listeners:
+                listener("instance_sync_state", 1)
+            guard = GuardState(row.pending_removal_digest, row.pending_removal_streak)
+            return Locked(int(row.run_id), int(row.version), guard, stored)
+        run_id = self._wait_for_lock(conn, iid)
+        version, guard = self.bump(conn, iid, now)
+        return Locked(run_id, version, guard)
+
+    @staticmethod
+    def _wait_for_lock(conn: Connection, iid: int) -> int:
+        """Take the lock another writer held (a wait is logged); returns a run id reserved
+        in the same round trip as the new try."""
+        key = instance_lock_key(iid)
+        got, run_id = conn.exec_driver_sql(pg_sql.TRY_LOCK, key).one()
+        if not got:
+            log.info("instance %s: another process is syncing it; waiting", iid)
+            conn.exec_driver_sql(pg_sql.WAIT_LOCK, key)
+        return int(run_id)
+
+    def lock_registry(self, conn: Connection) -> None:
+        conn.exec_driver_sql(pg_sql.LOCK_REGISTRY, REGISTRY_LOCK_KEY)
+
+    def _read(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
+        return list(conn.exec_driver_sql(pg_sql.LOAD_ROWS, params))
+
+    def write_run(self, conn: Connection, locked: Locked, row: dict[str, Any]) -> int:
+        values = {**row, "id": locked.run_id} if locked.run_id is not None else row
+        columns, params = pg_sql.values_params([values])
+        sql = pg_sql.values_sql("sync_runs", columns, 1, " RETURNING id")
+        return int(conn.exec_driver_sql(sql, params).scalar_one())
+
+    def write_tick(self, conn: Connection, locked: Locked, plan: TickPlan, run: RunRow) -> int:
+        run_id = _reserved(locked)
+        return self._execute(conn, pg_sql.tick_statement(plan, run_id), run_id, run)
+
+    def write_first_load(
+        self, conn: Connection, locked: Locked, load: FirstLoad, run: RunRow
+    ) -> int:
+        run_id = _reserved(locked)
+        return self._execute(conn, pg_sql.first_load_statement(load, run_id), run_id, run)
+
+    @staticmethod
+    def _execute(conn: Connection, stmt: pg_sql.CteStatement, run_id: int, run: RunRow) -> int:
+        sql, params, tables = stmt.with_run({**run(), "id": run_id})
+        row = conn.exec_driver_sql(sql, params).one()
+        for table, n in zip(tables, row[1:], strict=True):
+            for listener in written_listeners:
+                listener(table, int(n))
+        return int(row[0])
+
+
+def _reserved(locked: Locked) -> int:
+    if locked.run_id is None:  # every lock on PostgreSQL reserves one
+        raise RuntimeError("no sync_runs id was reserved for this tick")
+    return locked.run_id

@@ -1,0 +1,488 @@
+"""One instance's sync: fetch -> decode -> plan -> store -> listeners.
+
+The HTTP fetch happens outside any database transaction. The write transaction locks the
+instance and bumps its state (``Store.lock``), judges the list (``guards``), plans the
+writes against what is stored (``plan``) and hands them to the store, which writes the
+chats, the history, the events and the ``sync_runs`` row together: all of it or none.
+Ticks that queue up behind a write are written together (``group_commit``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from etl.client import GreenApiClient
+from etl.clock import utcnow
+from etl.config import Instance
+from etl.errors import ErrorKind, SyncError
+from etl.payload import ChatRecord, DecodedChats, decode_chats
+from etl.redact import redact
+from etl.sync.backlog import FailureBacklog
+from etl.sync.group_commit import GroupCommit, Queued
+from etl.sync.guards import Verdict, judge
+from etl.sync.health import HealthBook
+from etl.sync.outcome import SyncOutcome
+from etl.sync.plan import FirstLoad, TickPlan, plan_tick, vanished_chats
+from etl.sync.snapshot import Snapshot, SnapshotCache
+from etl.sync.store import Locked, store_for
+
+log = logging.getLogger(__name__)
+
+#: the most ticks written in one transaction (group commit)
+GROUP_LIMIT = 32
+#: how many groups are written at once (see ``etl.sync.group_commit``; the figures behind
+#: this number are in docs/benchmarks.md)
+GROUP_WRITERS = 4
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    """A fetched and decoded tick waiting for its write."""
+
+    instance: Instance
+    decoded: DecodedChats
+    body: bytes
+    #: the snapshot whose raw hashes the decode skipped unchanged elements against
+    decoded_with: Snapshot | None
+    #: the fetch's outcome (started_at, http_status, attempts)
+    fetched: SyncOutcome
+    t0: float
+
+
+@dataclass(slots=True, eq=False)
+class _Prefetch:
+    """A steady tick's read-back, chosen before the lock so that the store can send it
+    with the lock (``Store.reads_with_lock``)."""
+
+    snap: Snapshot
+    candidates: list[ChatRecord]
+    read_ids: list[str]
+
+
+class Syncer:
+    """Runs syncs; safe to call from many threads. One sync per instance at a time."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        client: GreenApiClient,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.client = client
+        self.clock = clock
+        self.store = store_for(engine.dialect.name)
+        self.health = HealthBook(monotonic)
+        self.snapshots = SnapshotCache()
+        #: failed ticks not yet in ``sync_runs`` because the database was unreachable too
+        self.backlog = FailureBacklog()
+        self.group: GroupCommit[_Pending, SyncOutcome] = GroupCommit(
+            self._write_group, limit=GROUP_LIMIT, writers=GROUP_WRITERS
+        )
+        #: called with every finished outcome (metrics, status); errors are logged, not raised
+        self.listeners: list[Callable[[Instance, SyncOutcome], None]] = []
+        self._locks: dict[int, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    @property
+    def group_sizes(self) -> Counter[int]:
+        """How many groups of each size were written (tests and benchmarks read it)."""
+        return self.group.sizes
+
+    def due(self, instance: Instance) -> bool:
+        """False while the instance is backing off after failures (the daemon skips it)."""
+        return self.health.due(instance)
+
+    def consecutive_failures(self, instance_id: int) -> int:
+        return self.health.consecutive_failures(instance_id)
+
+    def restore_backoff(self, instances: Sequence[Instance]) -> None:
+        """Resume backoff after a restart from the failures recorded in ``sync_runs``."""
+        by_id = {i.id_instance: i for i in instances}
+        now = self.clock()
+        with self.engine.connect() as conn:
+            for iid, inst in by_id.items():
+                self.health.restore(inst, self.store.recent_runs(conn, iid), now)
+
+    def forget_snapshot(self, instance_id: int) -> None:
+        self.snapshots.forget(instance_id)
+
+    # -- one tick ------------------------------------------------------------------------
+
+    def sync(self, instance: Instance) -> SyncOutcome:
+        lock = self._lock_for(instance.id_instance)
+        if not lock.acquire(blocking=False):
+            log.warning(
+                "instance %s: previous sync still running, skipping this tick",
+                instance.id_instance,
+            )
+            return SyncOutcome(instance.id_instance, "skipped", self.clock())
+        try:
+            outcome = self._sync(instance)
+        finally:
+            lock.release()
+        for listener in self.listeners:
+            try:
+                listener(instance, outcome)
+            except Exception:
+                log.exception("sync listener failed")
+        return outcome
+
+    def _lock_for(self, instance_id: int) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(instance_id, threading.Lock())
+
+    def _sync(self, instance: Instance) -> SyncOutcome:
+        outcome = SyncOutcome(instance.id_instance, "ok", self.clock())
+        pending = self._fetch(instance, outcome, time.monotonic())
+        if pending is None:
+            return outcome
+        outcome = self.group.submit(pending)
+        if outcome.status == "failed":
+            self._write_failure(outcome)
+            return outcome
+        self._log(instance, outcome)
+        self.flush_unrecorded()
+        return outcome
+
+    def _fetch(self, instance: Instance, outcome: SyncOutcome, t0: float) -> _Pending | None:
+        """Fetch and decode; a failure is recorded at once (and None returned)."""
+        try:
+            fetched = self.client.get_chats(instance)
+            outcome.attempts = fetched.attempts
+            outcome.http_status = fetched.http_status
+            # elements identical to the last list this process applied skip validation
+            decoded_with = self.snapshots.get(instance.id_instance)
+            known = decoded_with.raw if decoded_with is not None else None
+            decoded = decode_chats(fetched.body, known=known, track=True)
+        except SyncError as exc:
+            outcome.status = "failed"
+            outcome.error_kind = exc.error_kind
+            outcome.http_status = exc.http_status
+            outcome.attempts = exc.attempts or outcome.attempts
+            outcome.error = redact(exc.message)
+            self._finish(outcome, t0)
+            self.health.note(instance, outcome)
+            self._write_failure(outcome)
+            return None
+        return _Pending(instance, decoded, fetched.body, decoded_with, outcome, t0)
+
+    # -- the write -----------------------------------------------------------------------
+
+    def _write_group(self, batch: list[Queued[_Pending, SyncOutcome]]) -> None:
+        """Write the ticks of ``batch``: together in one transaction, or one by one when
+        that transaction failed on a statement (so one bad tick still fails alone)."""
+        if len(batch) > 1 and self._write_together(batch):
+            return
+        for queued in batch:
+            queued.done(self._write_alone(queued.item))
+
+    def _write_together(self, batch: list[Queued[_Pending, SyncOutcome]]) -> bool:
+        """False when the group must be written again tick by tick."""
+        began = False
+        # one order for every group: two replicas' groups never wait on each other
+        ordered = sorted(batch, key=lambda q: q.item.instance.id_instance)
+        try:
+            with self.engine.begin() as conn:
+                began = True
+                written = [self._write_tick(conn, q.item) for q in ordered]
+        except SQLAlchemyError as exc:
+            if not began or getattr(exc, "connection_invalidated", False):
+                # the database is unreachable: each tick alone would fail the same way
+                for queued in batch:
+                    queued.done(self._database_failure(queued.item, exc))
+                return True
+            log.info(
+                "a group of %d ticks failed (%s); writing them one by one",
+                len(batch),
+                type(exc).__name__,
+            )
+            return False
+        for queued, (outcome, after_commit) in zip(ordered, written, strict=True):
+            after_commit()
+            queued.done(outcome)
+        return True
+
+    def _write_alone(self, item: _Pending) -> SyncOutcome:
+        try:
+            with self.engine.begin() as conn:
+                outcome, after_commit = self._write_tick(conn, item)
+            after_commit()
+        except SQLAlchemyError as exc:
+            outcome = self._database_failure(item, exc)
+        return outcome
+
+    def _write_tick(
+        self, conn: Connection, item: _Pending
+    ) -> tuple[SyncOutcome, Callable[[], None]]:
+        """Apply one tick inside ``conn``'s transaction (a fresh outcome per attempt);
+        returns it with what to do once the transaction has committed."""
+        fetched = item.fetched
+        outcome = SyncOutcome(
+            fetched.instance_id,
+            "ok",
+            fetched.started_at,
+            http_status=fetched.http_status,
+            attempts=fetched.attempts,
+        )
+        now = self.clock()
+        prefetch = self._prefetch(item)
+        read_ids = prefetch.read_ids if prefetch is not None else None
+        locked = self.store.lock(conn, item.instance.id_instance, now, read_ids)
+        return outcome, self._apply(conn, item, outcome, locked, now, prefetch)
+
+    def _prefetch(self, item: _Pending) -> _Prefetch | None:
+        """The chats to read back, judged against the cached snapshot before the lock, so
+        that the read rides on the lock's round trip (steady state, where the store can)."""
+        snap = self.snapshots.get(item.instance.id_instance)
+        if (
+            not self.store.reads_with_lock
+            or snap is None
+            or (item.decoded.unchanged and snap is not item.decoded_with)
+        ):
+            return None
+        candidates = snap.candidates(item.decoded)
+        ids = [c.chat_id for c in candidates if c.chat_id in snap.fingerprints]
+        if not ids or len(ids) > self.store.read_chunk:
+            return None
+        return _Prefetch(snap, candidates, ids)
+
+    def _apply(
+        self,
+        conn: Connection,
+        item: _Pending,
+        outcome: SyncOutcome,
+        locked: Locked,
+        now: datetime,
+        prefetch: _Prefetch | None,
+    ) -> Callable[[], None]:
+        """Judge, plan and write one tick, the instance locked; returns what to do once
+        the transaction has committed."""
+        instance, iid = item.instance, item.instance.id_instance
+        snap = self.snapshots.get_current(iid, locked.version)
+        if snap is None:  # new to this process, or another writer wrote since
+            snap = self.store.load_snapshot(conn, iid)
+        decoded = item.decoded
+        if decoded.unchanged and snap is not item.decoded_with:
+            # somebody else wrote since: "unchanged" was judged against a stale snapshot
+            decoded = decode_chats(item.body, track=True)
+        outcome.chats_received = decoded.received
+        outcome.chats_rejected = len(decoded.rejected)
+
+        present = snap.present()
+        vanished = vanished_chats(present, decoded, count_limited=instance.count is not None)
+        verdict = judge(
+            instance,
+            received=decoded.received,
+            present=present,
+            vanished=vanished,
+            stored=locked.guard,
+        )
+        if verdict.save is not None:
+            self.store.save_guard_state(conn, iid, verdict.save, now)
+        if verdict.confirmed is not None:
+            log.warning("instance %s: %s", iid, verdict.confirmed)
+        if verdict.anomaly is not None:
+            return self._write_anomaly(conn, item, outcome, locked, verdict, snap)
+
+        plan = self._plan(conn, item, decoded, snap, vanished, now, locked, prefetch)
+        counts = plan.counts
+        outcome.chats_inserted, outcome.chats_updated = counts.inserted, counts.updated
+        outcome.chats_removed, outcome.ephemeral_changes = counts.removed, counts.ephemeral_changes
+        self.health.note(instance, outcome)
+        run = functools.partial(self._run_row, outcome, item.t0)
+        raw = decoded.raw_hashes
+        if isinstance(plan, FirstLoad):
+            outcome.sync_run_id = self.store.write_first_load(conn, locked, plan, run)
+            written = functools.partial(snap.record_first_load, plan.chats, raw)
+        else:
+            outcome.sync_run_id = self.store.write_tick(conn, locked, plan, run)
+            written = functools.partial(snap.record_written, plan.chat_rows, plan.removed, raw)
+
+        def after_commit() -> None:
+            written()
+            self.snapshots.keep(iid, snap, locked.version)
+
+        return after_commit
+
+    def _plan(
+        self,
+        conn: Connection,
+        item: _Pending,
+        decoded: DecodedChats,
+        snap: Snapshot,
+        vanished: set[str],
+        now: datetime,
+        locked: Locked,
+        prefetch: _Prefetch | None,
+    ) -> TickPlan | FirstLoad:
+        """The tick's writes: every chat of a first load, else the chats whose
+        fingerprint differs from the snapshot's, compared with their stored rows."""
+        iid = item.instance.id_instance
+        if not snap.fingerprints and decoded.chats:
+            return FirstLoad(iid, now, decoded.chats)
+        if (
+            prefetch is not None
+            and locked.stored is not None
+            and prefetch.snap is snap
+            and decoded is item.decoded
+        ):  # read with the lock, against this very snapshot (``_prefetch``)
+            candidates, stored = prefetch.candidates, locked.stored
+        else:
+            candidates = snap.candidates(decoded)
+            in_table = [c.chat_id for c in candidates if c.chat_id in snap.fingerprints]
+            stored = self.store.load_rows(conn, iid, in_table)
+        return plan_tick(
+            instance_id=iid,
+            candidates=candidates,
+            stored=stored,
+            in_table=snap.fingerprints,
+            vanished=vanished,
+            now=now,
+        )
+
+    def _write_anomaly(
+        self,
+        conn: Connection,
+        item: _Pending,
+        outcome: SyncOutcome,
+        locked: Locked,
+        verdict: Verdict,
+        snap: Snapshot,
+    ) -> Callable[[], None]:
+        """A tick the guards held back: only its run row is written."""
+        outcome.status = "anomaly"
+        outcome.error_kind, outcome.error = verdict.anomaly, verdict.message
+        self.health.note(item.instance, outcome)
+        row = self._run_row(outcome, item.t0)
+        outcome.sync_run_id = self.store.write_run(conn, locked, row)
+        iid = item.instance.id_instance
+        return lambda: self.snapshots.keep(iid, snap, locked.version)
+
+    def _run_row(self, outcome: SyncOutcome, t0: float) -> dict[str, Any]:
+        """The outcome's ``sync_runs`` row, ending now."""
+        self._finish(outcome, t0)
+        return outcome.row()
+
+    def _finish(self, outcome: SyncOutcome, t0: float) -> None:
+        outcome.finished_at = self.clock()
+        outcome.duration_ms = int((time.monotonic() - t0) * 1000)
+
+    # -- failures ------------------------------------------------------------------------
+
+    def _database_failure(self, item: _Pending, exc: SQLAlchemyError) -> SyncOutcome:
+        """The failed outcome of a tick whose transaction failed (not yet recorded)."""
+        self.snapshots.forget(item.instance.id_instance)
+        orig = getattr(exc, "orig", None) or exc
+        outcome = SyncOutcome(
+            item.instance.id_instance,
+            "failed",
+            item.fetched.started_at,
+            http_status=item.fetched.http_status,
+            attempts=item.fetched.attempts,
+            chats_received=item.decoded.received,
+            error_kind=ErrorKind.DATABASE,
+            error=redact(f"{type(orig).__name__}: {str(orig)[:500]}"),
+        )
+        self._finish(outcome, item.t0)
+        self.health.note(item.instance, outcome)
+        return outcome
+
+    def _write_failure(self, outcome: SyncOutcome) -> None:
+        """Record a failed tick in its own transaction; keep it for later if even that fails."""
+        try:
+            with self.engine.begin() as conn:
+                outcome.sync_run_id = self.store.write_failure(conn, outcome.row())
+        except SQLAlchemyError as exc:
+            self.defer_failure(outcome, type(exc).__name__)
+            return
+        self._log_failure(outcome)
+        self.flush_unrecorded()
+
+    def defer_failure(self, outcome: SyncOutcome, reason: str) -> None:
+        """A failed tick that cannot be written now: log it, write it when the database
+        answers again (after the next transaction that succeeds)."""
+        self.backlog.defer(outcome, reason)
+
+    def unreachable_outcome(self, instance: Instance, error: str) -> SyncOutcome:
+        """A tick that never started because the database could not be reached."""
+        now = self.clock()
+        return SyncOutcome(
+            instance.id_instance,
+            "failed",
+            now,
+            finished_at=now,
+            error_kind=ErrorKind.DATABASE,
+            error=redact(error),
+            duration_ms=0,
+        )
+
+    def flush_unrecorded(self) -> int:
+        """Write the failed ticks kept while the database was away; returns how many."""
+        if not self.backlog:  # the common case, without the lock
+            return 0
+        pending, dropped = self.backlog.take()
+        if not pending:
+            return 0
+        try:
+            with self.engine.begin() as conn:
+                self.store.write_failures(conn, [o.row() for o in pending])
+        except SQLAlchemyError as exc:
+            self.backlog.put_back(pending, dropped)
+            log.warning(
+                "could not yet write %d failed ticks to sync_runs: %s",
+                len(pending),
+                type(exc).__name__,
+            )
+            return 0
+        log.info(
+            "wrote %d failed ticks kept while the database was unreachable to sync_runs%s",
+            len(pending),
+            f" ({dropped} older ones were dropped, over the limit of {self.backlog.limit})"
+            if dropped
+            else "",
+        )
+        return len(pending)
+
+    @staticmethod
+    def _log_failure(outcome: SyncOutcome) -> None:
+        log.warning(
+            "instance %s: sync failed kind=%s http=%s attempts=%d in %dms: %s",
+            outcome.instance_id,
+            outcome.error_kind,
+            outcome.http_status,
+            outcome.attempts,
+            outcome.duration_ms,
+            outcome.error,
+        )
+
+    @staticmethod
+    def _log(instance: Instance, o: SyncOutcome) -> None:
+        log.info(
+            "instance %s: %s%s received=%d inserted=%d updated=%d removed=%d rejected=%d "
+            "ephemeral_changes=%d attempts=%d in %dms",
+            instance.id_instance,
+            o.status,
+            f" ({o.error_kind})" if o.error_kind else "",
+            o.chats_received,
+            o.chats_inserted,
+            o.chats_updated,
+            o.chats_removed,
+            o.chats_rejected,
+            o.ephemeral_changes,
+            o.attempts,
+            o.duration_ms,
+        )
