@@ -19,21 +19,25 @@ RUN groupadd --system --gid 10001 etl \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
        --home-dir /nonexistent --shell /usr/sbin/nologin etl
 
-# /app holds the project as in the repository. etl/db.py finds migrations/ and alembic.ini
-# next to the etl/ package, so the package is installed in editable mode and imported from
-# here, not copied into site-packages. WORKDIR /app also makes `alembic upgrade head` work
-# (alembic.ini is in the current directory; its URL comes from ETL_DATABASE_URL).
+# The package is installed like any wheel, into site-packages: the wheel carries its own
+# copy of migrations/ and alembic.ini (etl/_alembic/), which `etl db upgrade` uses. /app
+# keeps alembic.ini and migrations/ as in the repository, so that `alembic upgrade head`
+# works in the WORKDIR too (alembic.ini is in the current directory; its URL comes from
+# ETL_DATABASE_URL); the copied etl/ source is removed once installed, so that the only
+# etl in the image, for both commands, is the installed one.
 WORKDIR /app
 
-# README.md is the project's `readme` in pyproject.toml: setuptools needs it to build.
+# README.md is the project's `readme` in pyproject.toml: the build backend needs it.
 COPY pyproject.toml README.md alembic.ini ./
 COPY etl/ ./etl/
 COPY migrations/ ./migrations/
 
-# Root owns /app and the user cannot write to it; the byte code is compiled now because
-# the running container cannot write __pycache__ (and PYTHONDONTWRITEBYTECODE says not to).
-RUN pip install --editable '.[postgres]' \
-    && python -m compileall -q etl migrations \
+# Root owns /app and the user cannot write to it; the byte code of /app/migrations is
+# compiled now (pip compiles what it installs) because the running container cannot write
+# __pycache__ (and PYTHONDONTWRITEBYTECODE says not to).
+RUN pip install '.[postgres]' \
+    && rm -rf etl \
+    && python -m compileall -q migrations \
     && etl --version
 
 USER 10001:10001

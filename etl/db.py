@@ -26,8 +26,15 @@ from etl.redact import redact_url
 
 log = logging.getLogger(__name__)
 
+#: the directory above the ``etl`` package: the repository's top level when etl is imported
+#: from a checkout (editable install, tests), site-packages when it is installed from a wheel
 ROOT = Path(__file__).resolve().parent.parent
-MIGRATIONS = ROOT / "migrations"
+#: where a wheel carries alembic.ini and migrations/ (pyproject.toml's force-include)
+PACKAGED_ALEMBIC = Path(__file__).resolve().parent / "_alembic"
+#: the directory holding alembic.ini and migrations/: the wheel's copy, else the checkout's
+ALEMBIC_HOME = PACKAGED_ALEMBIC if (PACKAGED_ALEMBIC / "migrations").is_dir() else ROOT
+ALEMBIC_INI = ALEMBIC_HOME / "alembic.ini"
+MIGRATIONS = ALEMBIC_HOME / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -153,12 +160,18 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
 
 
 def alembic_config(url: str | None = None, connection: Connection | None = None) -> AlembicConfig:
-    cfg = (
-        AlembicConfig(str(ROOT / "alembic.ini"))
-        if (ROOT / "alembic.ini").exists()
-        else (AlembicConfig())
-    )
-    cfg.set_main_option("script_location", str(MIGRATIONS))
+    if not (MIGRATIONS / "env.py").is_file():
+        raise FileNotFoundError(
+            f"Alembic migrations not found in {PACKAGED_ALEMBIC} (an installed wheel) "
+            f"or {ROOT} (a checkout): is the chatsync package installed completely?"
+        )
+    cfg = AlembicConfig(str(ALEMBIC_INI)) if ALEMBIC_INI.exists() else AlembicConfig()
+    # ConfigParser interpolation: a literal % in the path must be doubled
+    cfg.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
+    # alembic.ini's `prepend_sys_path = .` is for the `alembic` command run in a checkout;
+    # here etl is imported already, and the current directory must not shadow a module
+    # (nor be added to sys.path again on every call)
+    cfg.set_main_option("prepend_sys_path", "")
     if connection is not None:
         cfg.attributes["connection"] = connection
     if url is not None:

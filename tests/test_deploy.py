@@ -401,11 +401,11 @@ def test_dockerfile() -> None:
     for directory in ("etl", "migrations"):
         assert copied[directory] == os.path.normpath(f"{workdir}/{directory}")
 
-    # etl/db.py finds migrations/ next to the package: install editable, from /app.
+    # The wheel carries migrations/ and alembic.ini: install it like users do, not editable.
     install = [v for n, v in instructions if n == "RUN" and "pip install" in v]
     assert len(install) == 1
     assert "[postgres]" in install[0]
-    assert re.search(r"(^|\s)(-e|--editable)(\s|$)", install[0])
+    assert not re.search(r"(^|\s)(-e|--editable)(\s|$)", install[0])
 
     users = [v for n, v in instructions if n == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
