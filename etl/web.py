@@ -30,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from etl import __version__
 from etl.clock import utcnow
 from etl.db import head_revision, read_only
+from etl.errors import ERROR_KINDS, ErrorKind
 from etl.metrics import Metrics
 from etl.models import SYNC_STATUSES
 from etl.redact import redact
@@ -488,14 +489,25 @@ footer a { color: #2d5fc4; }
 MUTED_ZERO = '<span class="muted">0</span>'
 
 
+def _kind(kind: str | None) -> str:
+    """The error kind, with what causes it (``ERROR_KINDS``) to read on hover."""
+    if not kind:
+        return ""
+    try:
+        info = ERROR_KINDS.get(ErrorKind(kind))
+    except ValueError:  # a kind this version does not know (written by another version)
+        info = None
+    title = f' title="{_e(info.cause)}"' if info else ""
+    return f'<span class="kind"{title}>{_e(kind)}</span> '
+
+
 def _row(s: InstanceStatus, now: datetime) -> str:
     st = state(s)
     error = ""
     if s.last_error or s.last_error_kind:
         text_ = redact(s.last_error or "")
         short = text_ if len(text_) <= 240 else text_[:239] + "…"
-        kind = f'<span class="kind">{_e(s.last_error_kind)}</span> ' if s.last_error_kind else ""
-        error = f'{kind}<span title="{_e(text_)}">{_e(short)}</span>'
+        error = f'{_kind(s.last_error_kind)}<span title="{_e(text_)}">{_e(short)}</span>'
     failures = str(s.consecutive_failures) if s.consecutive_failures else MUTED_ZERO
     return (
         f'<tr class="{_e(st)}">'
