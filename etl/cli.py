@@ -6,15 +6,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from etl import __version__
@@ -29,6 +27,7 @@ from etl.db import (
     require_current_schema,
     upgrade,
 )
+from etl.demo import run_demo
 from etl.errors import EtlError
 from etl.logs import setup_logging
 from etl.metrics import Metrics
@@ -42,8 +41,6 @@ from etl.web import Liveness, StatusServer
 
 log = logging.getLogger("etl.cli")
 F = TypeVar("F", bound=Callable[..., Any])
-
-DEMO_DATABASE_URL = "sqlite:///chats-demo.db"
 
 
 def _store(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -520,85 +517,15 @@ def demo_cmd(instances: int, chats: int, ticks: int, interval: int) -> None:
     Uses sqlite:///chats-demo.db (recreated) unless --database-url is given; never the
     database of $ETL_DATABASE_URL or the config file.
     """
-    from etl.simulator import ChangeRates, Simulator
-
     setup_logging(_opt("log_level") or "WARNING", _opt("log_format") or "text")
-    url = _opt("database_url") or DEMO_DATABASE_URL
-    if url == DEMO_DATABASE_URL:
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"chats-demo.db{suffix}").unlink(missing_ok=True)
-    rates = ChangeRates(new=0.05, rename=0.05, archive=0.05, ephemeral=0.1, removal=0.02)
-    with (
-        Simulator(
-            instances=instances, chats=chats, seed=42, rates=rates, tick_seconds=interval
-        ) as sim,
-        tempfile.TemporaryDirectory() as tmp,
-    ):
-        config_path = Path(tmp) / "demo.toml"
-        config_path.write_text(sim.config_toml(interval_seconds=interval), encoding="utf-8")
-        config_path.chmod(0o600)
-        cfg = load_config(config_path=str(config_path), database_url=url)
-        engine = make_engine(cfg.database_url)
-        upgrade(engine)
-        register_instances(engine, cfg.instances)
-        client = GreenApiClient()
-        daemon = Daemon(syncer=Syncer(engine, client), instances=cfg.instances, max_workers=4)
-        click.echo(
-            f"demo: {instances} simulated instances x {chats} chats at {sim.url}, "
-            f"{ticks} ticks of {interval}s into {redact_url(url)} ..."
-        )
-        daemon.run_for(ticks * interval + 0.5)
-        client.close()
-        try:
-            _print_demo_summary(engine)
-        finally:
-            engine.dispose()
-
-
-DEMO_QUERIES: list[tuple[str, str]] = [
-    (
-        "Chats with disappearing messages on, per instance",
-        """SELECT i.label, COUNT(*) AS chats_with_ephemeral
-FROM chats c JOIN instances i ON i.id_instance = c.instance_id
-WHERE c.removed_at IS NULL AND c.ephemeral_expiration > 0
-GROUP BY i.label ORDER BY i.label""",
-    ),
-    (
-        "Latest ephemeral setting changes (SCD2 history)",
-        """SELECT h.instance_id, h.chat_id, h.ephemeral_expiration, h.valid_from, h.valid_to
-FROM chat_ephemeral_history h
-JOIN (SELECT instance_id, chat_id FROM chat_ephemeral_history
-      WHERE valid_to IS NOT NULL GROUP BY instance_id, chat_id) changed
-  ON changed.instance_id = h.instance_id AND changed.chat_id = h.chat_id
-ORDER BY h.instance_id, h.chat_id, h.valid_from LIMIT 6""",
-    ),
-]
-
-
-DEMO_COUNTS = {
-    "instances": "SELECT COUNT(*) FROM instances",
-    "present": "SELECT COUNT(*) FROM chats WHERE removed_at IS NULL",
-    "removed": "SELECT COUNT(*) FROM chats WHERE removed_at IS NOT NULL",
-    "changes": "SELECT COUNT(*) FROM chat_ephemeral_history WHERE valid_to IS NOT NULL",
-    "history": "SELECT COUNT(*) FROM chat_ephemeral_history",
-}
-
-
-def _print_demo_summary(engine: Engine) -> None:
-    with engine.connect() as conn:
-        n = {key: conn.execute(text(sql)).scalar_one() for key, sql in DEMO_COUNTS.items()}
-        runs = conn.execute(
-            text("SELECT status, COUNT(*) FROM sync_runs GROUP BY status ORDER BY status")
-        ).all()
-        click.echo("")
-        click.echo(f"instances:          {n['instances']}")
-        click.echo(f"chats:              {n['present']} present, {n['removed']} removed")
-        click.echo(f"ephemeral changes:  {n['changes']} (history rows: {n['history']})")
-        click.echo("sync runs:          " + ", ".join(f"{c} {s}" for s, c in runs))
-        for title, sql in DEMO_QUERIES:
-            click.echo(f"\n-- {title}\n{sql};")
-            for row in conn.execute(text(sql)):
-                click.echo("   " + " | ".join(str(v) for v in row))
+    run_demo(
+        instances=instances,
+        chats=chats,
+        ticks=ticks,
+        interval=interval,
+        database_url=_opt("database_url"),
+        echo=click.echo,
+    )
 
 
 def main() -> None:

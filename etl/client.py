@@ -1,5 +1,8 @@
 """Green-API HTTP client: URL building, timeouts, retries, error mapping, redaction.
 
+The bytes move through a ``Transport`` (``etl.transport``): one request in, status,
+headers and body out. Everything that makes it Green-API is here.
+
 The token lives in the URL path, so this module never lets a URL or a library
 exception text escape unredacted: every error message is built here from the
 host, the status and a redacted reason.
@@ -7,12 +10,8 @@ host, the status and a redacted reason.
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
-import heapq
-import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -21,8 +20,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-import requests
-from requests.adapters import HTTPAdapter
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -38,6 +35,15 @@ from etl import USER_AGENT
 from etl.config import Instance
 from etl.errors import ApiError, ErrorKind, PayloadError
 from etl.redact import install_log_redaction, redact
+from etl.transport import (
+    BodyTooLarge,
+    Request,
+    RequestsTransport,
+    Response,
+    Transport,
+    TransportError,
+    TransportTimeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +136,8 @@ def _error_detail(status: int, body: bytes) -> str:
 
 
 class GreenApiClient:
-    """Fetches getChats for any configured instance. Thread-safe; one pooled session."""
+    """Fetches getChats for any configured instance. Thread-safe (as the default transport
+    is: one pooled session)."""
 
     def __init__(
         self,
@@ -139,28 +146,27 @@ class GreenApiClient:
         backoff_initial: float = 0.5,
         backoff_max: float = 8.0,
         sleep: Callable[[float], None] | None = None,
+        transport: Transport | None = None,
     ) -> None:
+        """``transport``: how requests are sent (default: a pool of ``pool_maxsize``
+        connections over ``requests``); the client closes it in ``close()``."""
         # urllib3 logs request paths (and so the token) at DEBUG: mask them whoever set up
         # logging, not only when the command line did.
         install_log_redaction()
-        self._session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=pool_maxsize, pool_maxsize=pool_maxsize)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
-        self._session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
+        self._transport = transport or RequestsTransport(
+            pool_maxsize=pool_maxsize,
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+            max_body_bytes=MAX_BODY_BYTES,
+        )
         # exponential backoff plus up to one base step of random jitter
         self._backoff = wait_exponential(multiplier=backoff_initial, max=backoff_max) + (
             wait_random(0, backoff_initial)
         )
         self._stop = threading.Event()
         self._sleep = sleep or self._interruptible_sleep
-        #: per (url, count): the request, prepared once (see ``_send``)
-        self._prepared: dict[tuple[str, int | None], requests.PreparedRequest] = {}
-        #: per API URL: proxies, CA bundle etc. from the environment (see ``_send``)
-        self._settings: dict[str, dict[str, Any]] = {}
 
     def close(self) -> None:
-        self._session.close()
+        self._transport.close()
 
     def interrupt(self) -> None:
         """Cut retry waits short (used at shutdown); attempts in flight still finish."""
@@ -255,172 +261,52 @@ class GreenApiClient:
                 error_kind=ErrorKind.TIMEOUT,
                 retryable=False,
             )
-        url = (
-            f"{instance.api_url}/waInstance{instance.id_instance}/getChats/"
-            f"{instance.token.get_secret_value()}"
-        )
-        timeout = (
-            min(instance.connect_timeout_seconds, remaining),
-            min(instance.timeout_seconds, remaining),
+        request = Request(
+            base=instance.api_url,
+            path=f"/waInstance{instance.id_instance}/getChats/{instance.token.get_secret_value()}",
+            params={"count": str(instance.count)} if instance.count else None,
+            timeout=(
+                min(instance.connect_timeout_seconds, remaining),
+                min(instance.timeout_seconds, remaining),
+            ),
+            deadline=deadline,
         )
         try:
-            response = self._send(instance, url, timeout)
-            try:
-                body = self._read_body(response, deadline=deadline, host=host)
-            finally:
-                response.close()
-        except requests.Timeout as exc:
+            response = self._transport.send(request)
+        except TransportTimeout as exc:
             raise ApiError(
-                f"getChats on {host}: timed out ({type(exc).__name__})",
+                f"getChats on {host}: timed out ({exc.name})",
                 error_kind=ErrorKind.TIMEOUT,
                 retryable=True,
             ) from None
-        except requests.RequestException as exc:
+        except TransportError as exc:
             raise ApiError(
-                f"getChats on {host}: {type(exc).__name__}: {_short(redact(str(exc)))}",
+                f"getChats on {host}: {exc.name}: {_short(redact(exc.detail))}",
                 error_kind=ErrorKind.CONNECTION,
                 retryable=True,
             ) from None
-
-        status = response.status_code
-        if status == 200:
-            return FetchResult(body=body, http_status=status, attempts=attempt)
-        if status == 400:
-            text = body[:4096].decode("utf-8", "replace")
-            kind = classify_400(text)
-            retryable = kind.info.retried
-        else:
-            kind, retryable = _status_kind(status)
-        raise ApiError(
-            f"getChats on {host}: HTTP {status}: {_error_detail(status, body)}",
-            error_kind=kind,
-            http_status=status,
-            retryable=retryable,
-            retry_after=parse_retry_after(response.headers.get("Retry-After")),
-        )
-
-    def _send(
-        self, instance: Instance, url: str, timeout: tuple[float, float]
-    ) -> requests.Response:
-        """GET ``url`` through the session's adapter, as ``Session.get(url, stream=True,
-        allow_redirects=False)`` would, without the per-request work that cannot change
-        between two polls of one instance.
-
-        ``Session.request`` prepares the request again (merging headers, cookies, hooks and
-        re-parsing the URL) and reads the proxy variables from ``os.environ`` on every
-        call, and a session's cookie jar has nothing to do here: that was about 14 % of
-        this process's CPU in a steady tick at 1,000 x 500 (py-spy). The request is
-        prepared once per URL, the environment's settings are read once per API URL (at
-        its first request: proxy variables set later are not seen), and redirects are
-        never followed, as before.
-        """
-        key = (url, instance.count)
-        prepared = self._prepared.get(key)
-        if prepared is None:
-            if len(self._prepared) >= 65536:  # tokens or URLs replaced many times over
-                self._prepared.clear()
-            params = {"count": str(instance.count)} if instance.count else None
-            request = requests.Request("GET", url, params=params)
-            prepared = self._prepared[key] = self._session.prepare_request(request)
-        settings = self._settings.get(instance.api_url)
-        if settings is None:
-            env = self._session.merge_environment_settings(instance.api_url, {}, True, None, None)
-            settings = self._settings[instance.api_url] = dict(env)
-        return self._session.get_adapter(url).send(
-            prepared,
-            stream=True,
-            timeout=timeout,
-            verify=settings["verify"],
-            cert=settings["cert"],
-            proxies=settings["proxies"],
-        )
-
-    @staticmethod
-    def _read_body(response: requests.Response, *, deadline: float, host: str) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        # A read of one chunk blocks until the chunk is full, however slowly the bytes trickle
-        # in (the read timeout is per recv): at the deadline, the watchdog cuts the socket.
-        watch = _WATCHDOG.watch(deadline, response)
-        try:
-            for chunk in response.iter_content(chunk_size=256 * 1024):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_BODY_BYTES:
-                    raise PayloadError(
-                        f"getChats on {host}: body larger than {MAX_BODY_BYTES} bytes",
-                        http_status=response.status_code,
-                    )
-                if time.monotonic() > deadline:
-                    raise requests.Timeout("body not received within the time budget")
-        except requests.RequestException:
-            if time.monotonic() >= deadline:
-                raise requests.Timeout("body not received within the time budget") from None
-            raise
-        finally:
-            _WATCHDOG.cancel(watch)
-        return b"".join(chunks)
+        except BodyTooLarge as exc:
+            raise PayloadError(
+                f"getChats on {host}: body larger than {exc.limit} bytes",
+                http_status=exc.status,
+            ) from None
+        if response.status == 200:
+            return FetchResult(body=response.body, http_status=200, attempts=attempt)
+        raise _status_error(host, response)
 
 
-def _cut(response: requests.Response) -> None:
-    """Unblock a body read in another thread (urllib3 >= 2.3); harmless once it is done."""
-    shutdown = getattr(response.raw, "shutdown", None)
-    if shutdown is not None:
-        with contextlib.suppress(Exception):
-            shutdown()
-
-
-class _Watchdog:
-    """One thread that cuts the body reads still running at their deadline (``_cut``).
-
-    A ``threading.Timer`` per request started a thread per request: ~4 % of this
-    process's CPU in a steady tick at 1,000 x 500 (py-spy). Here a request adds an entry
-    to a heap; the thread sleeps until the earliest deadline, and is woken only when a
-    new entry is earlier than every other (rare: deadlines are "now + budget").
-    """
-
-    def __init__(self) -> None:
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)  # the thread is not forked
-
-    def _reset(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, list[requests.Response | None]]] = []
-        self._seq = itertools.count()
-        self._thread: threading.Thread | None = None
-
-    def watch(self, deadline: float, response: requests.Response) -> list[requests.Response | None]:
-        """Cut ``response`` at ``deadline`` (``time.monotonic()``) unless cancelled first."""
-        entry: list[requests.Response | None] = [response]
-        with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="chatsync-body-watchdog", daemon=True
-                )
-                self._thread.start()
-            earliest = not self._heap or deadline < self._heap[0][0]
-            heapq.heappush(self._heap, (deadline, next(self._seq), entry))
-            if earliest:
-                self._cond.notify()
-        return entry
-
-    def cancel(self, entry: list[requests.Response | None]) -> None:
-        """Once this returns, the response is never cut (its connection may go back to
-        the pool and serve another request)."""
-        with self._cond:
-            entry[0] = None  # the thread drops the entry when its deadline comes
-
-    def _run(self) -> None:
-        with self._cond:
-            while True:
-                while not self._heap or self._heap[0][0] > time.monotonic():
-                    timeout = self._heap[0][0] - time.monotonic() if self._heap else None
-                    self._cond.wait(timeout)
-                now = time.monotonic()
-                while self._heap and self._heap[0][0] <= now:
-                    response = heapq.heappop(self._heap)[2][0]
-                    if response is not None:
-                        _cut(response)  # a socket shutdown: quick, so under the lock
-
-
-_WATCHDOG = _Watchdog()
+def _status_error(host: str, response: Response) -> ApiError:
+    """The ApiError for an answer other than 200."""
+    status, body = response.status, response.body
+    if status == 400:
+        kind = classify_400(body[:4096].decode("utf-8", "replace"))
+        retryable = kind.info.retried
+    else:
+        kind, retryable = _status_kind(status)
+    return ApiError(
+        f"getChats on {host}: HTTP {status}: {_error_detail(status, body)}",
+        error_kind=kind,
+        http_status=status,
+        retryable=retryable,
+        retry_after=parse_retry_after(response.headers.get("Retry-After")),
+    )

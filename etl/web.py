@@ -16,6 +16,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from etl import __version__
 from etl.clock import utcnow
 from etl.db import head_revision, read_only
+from etl.errors import ERROR_KINDS, ErrorKind
 from etl.metrics import Metrics
 from etl.models import SYNC_STATUSES
 from etl.redact import redact
@@ -290,90 +292,146 @@ def _axis_max(value: float, *, whole: bool = False, ticks: int = 4) -> float:
     return step * ticks
 
 
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    """Where the plot sits in the chart's SVG, and the scales of its two axes."""
+
+    left: int  # left edge of the plot (room for the runs axis)
+    top: int  # top edge of the plot (room for the axis titles and the legend)
+    pw: int  # plot width
+    ph: int  # plot height
+    slot: float  # horizontal room per bucket
+    bar: float  # width of a bucket's bar
+    y_max: float  # runs at the top of the left axis
+    d_max: float  # average duration (ms) at the top of the right axis
+
+    @classmethod
+    def fit(cls, buckets: list[Bucket], width: int, height: int) -> _Frame:
+        left, right, top, bottom = 48, 72, 30, 34
+        pw, ph = width - left - right, height - top - bottom
+        slot = pw / max(1, len(buckets))
+        durations = [b.avg_ms for b in buckets if b.avg_ms is not None]
+        return cls(
+            left=left,
+            top=top,
+            pw=pw,
+            ph=ph,
+            slot=slot,
+            bar=max(1.0, slot * 0.72),
+            y_max=_axis_max(max((b.total for b in buckets), default=0), whole=True),
+            d_max=_axis_max(max(durations, default=0), whole=True),
+        )
+
+
 def render_chart(buckets: list[Bucket], *, width: int = 1100, height: int = 260) -> str:
     """Stacked bars of outcomes per bucket and a line of the average duration, as SVG."""
-    left, right, top, bottom = 48, 72, 30, 34
-    pw, ph = width - left - right, height - top - bottom
-    n = max(1, len(buckets))
-    slot = pw / n
-    bar = max(1.0, slot * 0.72)
-    y_max = _axis_max(max((b.total for b in buckets), default=0), whole=True)
-    durations = [b.avg_ms for b in buckets if b.avg_ms is not None]
-    d_max = _axis_max(max(durations, default=0), whole=True)
+    f = _Frame.fit(buckets, width, height)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" '
         f'viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
         f'aria-label="Sync runs and average duration over the last 24 hours">',
         "<title>Sync runs per half hour and average sync duration, last 24 hours</title>",
+        _chart_axes(f, width),
     ]
-    # grid and axes
-    for i in range(5):
-        y = top + ph - ph * i / 4
-        out.append(
-            f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" class="grid"/>'
-            f'<text x="{left - 6}" y="{y + 4:.1f}" class="axis" text-anchor="end">'
-            f"{round(y_max * i / 4):,}</text>"
-            f'<text x="{left + pw + 6}" y="{y + 4:.1f}" class="axis dur">'
-            f"{_e(format_ms(d_max * i / 4))}</text>"
-        )
-    out.append(
-        f'<text x="{left - 6}" y="{top - 12}" class="axis" text-anchor="end">runs</text>'
-        f'<text x="{width - 2}" y="{top - 12}" class="axis dur" text-anchor="end">'
-        "avg duration</text>"
-    )
+    seconds = (buckets[1].start - buckets[0].start).total_seconds() if buckets else 0.0
     points: list[str] = []
     for i, b in enumerate(buckets):
-        x = left + slot * i + (slot - bar) / 2
-        y = top + ph
-        parts = ", ".join(f"{b.counts.get(s, 0)} {s}" for s in SYNC_STATUSES)
-        end = b.start.timestamp() + (buckets[1].start - buckets[0].start).total_seconds()
-        tip = (
-            f"{b.start:%H:%M}–{datetime.fromtimestamp(end, b.start.tzinfo):%H:%M} UTC: "
-            f"{b.total} runs ({parts}); avg {format_ms(b.avg_ms)}, max {format_ms(b.max_ms)}"
-            if len(buckets) > 1
-            else f"{b.total} runs"
-        )
-        out.append(f"<g><title>{_e(tip)}</title>")
-        if b.total == 0:  # an invisible hit area keeps the tooltip for empty slots
-            out.append(
-                f'<rect x="{x:.1f}" y="{top}" width="{bar:.1f}" height="{ph}" fill="transparent"/>'
-            )
-        for status in SYNC_STATUSES:
-            count = b.counts.get(status, 0)
-            if not count:
-                continue
-            h = ph * count / y_max
-            y -= h
-            out.append(
-                f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar:.1f}" height="{h:.1f}" '
-                f'fill="{COLORS[status]}" class="bar {status}"/>'
-            )
-        out.append("</g>")
+        out.append(_bucket_bars(f, i, b, _bucket_tip(b, seconds, alone=len(buckets) == 1)))
         if b.avg_ms is not None:
-            cx = left + slot * i + slot / 2
-            points.append(f"{cx:.1f},{top + ph - ph * b.avg_ms / d_max:.1f}")
+            cx = f.left + f.slot * i + f.slot / 2
+            points.append(f"{cx:.1f},{f.top + f.ph - f.ph * b.avg_ms / f.d_max:.1f}")
         if i % 6 == 0:
             out.append(
-                f'<text x="{left + slot * i:.1f}" y="{top + ph + 18}" class="axis">'
+                f'<text x="{f.left + f.slot * i:.1f}" y="{f.top + f.ph + 18}" class="axis">'
                 f"{b.start:%H:%M}</text>"
             )
     if points:
-        out.append(
-            f'<polyline points="{" ".join(points)}" fill="none" stroke="{COLORS["line"]}" '
-            'stroke-width="2" stroke-linejoin="round" class="duration"/>'
-        )
-        for point in points:
-            px, py = point.split(",")
-            out.append(f'<circle cx="{px}" cy="{py}" r="2.5" fill="{COLORS["line"]}"/>')
+        out.append(_duration_line(points))
     if not any(b.total for b in buckets):
         out.append(
-            f'<text x="{left + pw / 2}" y="{top + ph / 2}" text-anchor="middle" class="empty">'
-            "no sync runs in the last 24 hours</text>"
+            f'<text x="{f.left + f.pw / 2}" y="{f.top + f.ph / 2}" text-anchor="middle" '
+            'class="empty">no sync runs in the last 24 hours</text>'
         )
     out.append(
-        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" class="baseline"/>'
+        f'<line x1="{f.left}" y1="{f.top + f.ph}" x2="{f.left + f.pw}" y2="{f.top + f.ph}" '
+        'class="baseline"/>'
     )
-    # legend
+    out.append(_chart_legend(f.left))
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _chart_axes(f: _Frame, width: int) -> str:
+    """Grid lines with the runs scale on the left, the duration scale on the right."""
+    out = []
+    for i in range(5):
+        y = f.top + f.ph - f.ph * i / 4
+        out.append(
+            f'<line x1="{f.left}" y1="{y:.1f}" x2="{f.left + f.pw}" y2="{y:.1f}" class="grid"/>'
+            f'<text x="{f.left - 6}" y="{y + 4:.1f}" class="axis" text-anchor="end">'
+            f"{round(f.y_max * i / 4):,}</text>"
+            f'<text x="{f.left + f.pw + 6}" y="{y + 4:.1f}" class="axis dur">'
+            f"{_e(format_ms(f.d_max * i / 4))}</text>"
+        )
+    out.append(
+        f'<text x="{f.left - 6}" y="{f.top - 12}" class="axis" text-anchor="end">runs</text>'
+        f'<text x="{width - 2}" y="{f.top - 12}" class="axis dur" text-anchor="end">'
+        "avg duration</text>"
+    )
+    return "".join(out)
+
+
+def _bucket_tip(b: Bucket, seconds: float, *, alone: bool) -> str:
+    """The tooltip of one bucket (``seconds``: the width of a bucket)."""
+    if alone:
+        return f"{b.total} runs"
+    parts = ", ".join(f"{b.counts.get(s, 0)} {s}" for s in SYNC_STATUSES)
+    end = datetime.fromtimestamp(b.start.timestamp() + seconds, b.start.tzinfo)
+    return (
+        f"{b.start:%H:%M}–{end:%H:%M} UTC: "
+        f"{b.total} runs ({parts}); avg {format_ms(b.avg_ms)}, max {format_ms(b.max_ms)}"
+    )
+
+
+def _bucket_bars(f: _Frame, i: int, b: Bucket, tip: str) -> str:
+    """Bucket ``i``: its outcomes stacked bottom up, in a group that carries the tooltip."""
+    x = f.left + f.slot * i + (f.slot - f.bar) / 2
+    y: float = f.top + f.ph
+    out = [f"<g><title>{_e(tip)}</title>"]
+    if b.total == 0:  # an invisible hit area keeps the tooltip for empty slots
+        out.append(
+            f'<rect x="{x:.1f}" y="{f.top}" width="{f.bar:.1f}" height="{f.ph}" '
+            'fill="transparent"/>'
+        )
+    for status in SYNC_STATUSES:
+        count = b.counts.get(status, 0)
+        if not count:
+            continue
+        h = f.ph * count / f.y_max
+        y -= h
+        out.append(
+            f'<rect x="{x:.1f}" y="{y:.1f}" width="{f.bar:.1f}" height="{h:.1f}" '
+            f'fill="{COLORS[status]}" class="bar {status}"/>'
+        )
+    out.append("</g>")
+    return "".join(out)
+
+
+def _duration_line(points: list[str]) -> str:
+    """The average duration: a line through the buckets that had runs, a dot on each."""
+    out = [
+        f'<polyline points="{" ".join(points)}" fill="none" stroke="{COLORS["line"]}" '
+        'stroke-width="2" stroke-linejoin="round" class="duration"/>'
+    ]
+    for point in points:
+        px, py = point.split(",")
+        out.append(f'<circle cx="{px}" cy="{py}" r="2.5" fill="{COLORS["line"]}"/>')
+    return "".join(out)
+
+
+def _chart_legend(left: int) -> str:
+    """One swatch per outcome, then the duration line's, along the top edge."""
+    out = []
     x = left
     for name, color in [*((s, COLORS[s]) for s in SYNC_STATUSES), ("avg duration", "line")]:
         swatch = COLORS[color] if color == "line" else color
@@ -384,7 +442,6 @@ def render_chart(buckets: list[Bucket], *, width: int = 1100, height: int = 260)
         )
         out.append(f'{shape}<text x="{x + 17}" y="14" class="legend">{_e(name)}</text>')
         x += 30 + 7 * len(name)
-    out.append("</svg>")
     return "".join(out)
 
 
@@ -432,14 +489,25 @@ footer a { color: #2d5fc4; }
 MUTED_ZERO = '<span class="muted">0</span>'
 
 
+def _kind(kind: str | None) -> str:
+    """The error kind, with what causes it (``ERROR_KINDS``) to read on hover."""
+    if not kind:
+        return ""
+    try:
+        info = ERROR_KINDS.get(ErrorKind(kind))
+    except ValueError:  # a kind this version does not know (written by another version)
+        info = None
+    title = f' title="{_e(info.cause)}"' if info else ""
+    return f'<span class="kind"{title}>{_e(kind)}</span> '
+
+
 def _row(s: InstanceStatus, now: datetime) -> str:
     st = state(s)
     error = ""
     if s.last_error or s.last_error_kind:
         text_ = redact(s.last_error or "")
         short = text_ if len(text_) <= 240 else text_[:239] + "…"
-        kind = f'<span class="kind">{_e(s.last_error_kind)}</span> ' if s.last_error_kind else ""
-        error = f'{kind}<span title="{_e(text_)}">{_e(short)}</span>'
+        error = f'{_kind(s.last_error_kind)}<span title="{_e(text_)}">{_e(short)}</span>'
     failures = str(s.consecutive_failures) if s.consecutive_failures else MUTED_ZERO
     return (
         f'<tr class="{_e(st)}">'

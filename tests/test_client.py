@@ -642,11 +642,11 @@ def test_the_body_watchdog_cuts_only_reads_still_running(
 ) -> None:
     """Requests whose deadlines pass after they finished are never cut (a cut would hit
     a pooled connection, maybe serving another request by then)."""
-    import etl.client
+    import etl.transport
 
     cuts: list[object] = []
-    real_cut = etl.client._cut
-    monkeypatch.setattr(etl.client, "_cut", lambda r: (cuts.append(r), real_cut(r)))
+    real_cut = etl.transport._cut
+    monkeypatch.setattr(etl.transport, "_cut", lambda r: (cuts.append(r), real_cut(r)))
     inst = make_instance(sim)
     for _ in range(20):
         fast_client.get_chats(inst, budget_seconds=0.3)

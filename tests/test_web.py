@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import timedelta
 from email.message import Message
 from pathlib import Path
@@ -27,12 +28,14 @@ from sqlalchemy import Engine
 from etl.cli import cli
 from etl.client import GreenApiClient
 from etl.db import make_engine, upgrade
+from etl.errors import ERROR_KINDS, ErrorKind
 from etl.metrics import Metrics
 from etl.redact import register_secret
 from etl.scheduler import Daemon
 from etl.simulator import Fault, Simulator
+from etl.status import InstanceStatus
 from etl.sync import Syncer, register_instances, utcnow
-from etl.web import StatusServer
+from etl.web import StatusServer, render_page
 from tests.conftest import CANARY, make_instance
 from tests.test_cli import etl_env, write_config
 from tests.test_status import add_run
@@ -334,3 +337,43 @@ def test_run_serves_the_endpoints(
 
     first.terminate()
     assert first.wait(30) == 0
+
+
+def test_the_error_kind_explains_itself_on_hover(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kind's ``title`` is its cause from ``ERROR_KINDS``, escaped; an unknown kind
+    (written by another version, say) has none."""
+    monkeypatch.setitem(
+        ERROR_KINDS,
+        ErrorKind.TIMEOUT,
+        replace(ERROR_KINDS[ErrorKind.TIMEOUT], cause='<b>"slow"</b> & late'),
+    )
+    now = utcnow()
+
+    def status(iid: int, kind: str) -> InstanceStatus:
+        return InstanceStatus(
+            instance_id=iid,
+            label=f"i{iid}",
+            enabled=True,
+            last_run_at=now,
+            last_status="failed",
+            last_error_kind=kind,
+            last_error="it failed",
+            last_duration_ms=10,
+            last_success_at=None,
+            consecutive_failures=1,
+            chats=0,
+        )
+
+    kinds = {1: "quota_exceeded", 2: "timeout", 3: "no_such_kind"}
+    page = render_page([status(iid, kind) for iid, kind in kinds.items()], [], now=now)
+    assert '<span class="kind" title="&lt;b&gt;&quot;slow&quot;&lt;/b&gt; &amp; late">' in page
+    root = ET.fromstring(page.split("\n", 1)[1])
+    titles = {
+        row.findtext(".//span[@class='kind']"): row.find(".//span[@class='kind']").get("title")
+        for row in root.findall(".//tbody/tr")
+    }
+    assert titles == {
+        "quota_exceeded": ERROR_KINDS[ErrorKind.QUOTA_EXCEEDED].cause,
+        "timeout": '<b>"slow"</b> & late',
+        "no_such_kind": None,
+    }
