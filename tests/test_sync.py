@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import Engine, event, select, text
 
 from etl.client import GreenApiClient
-from etl.sync.store.postgresql import instance_lock_key
 from etl.models import Chat, ChatEphemeralHistory
 from etl.simulator import Fault, Simulator
 from etl.sync import Syncer, choose_valid_from, register_instances
+from etl.sync.store.postgresql import instance_lock_key
 from tests.conftest import make_instance
 from tests.factories import (
     SEED_EXAMPLE,
