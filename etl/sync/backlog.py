@@ -10,7 +10,8 @@ from collections import deque
 
 from etl.sync.outcome import SyncOutcome
 
-log = logging.getLogger(__name__)
+#: every line of a tick comes from one logger, "etl.sync", whichever part writes it
+log = logging.getLogger("etl.sync")
 
 #: failed ticks kept in memory while the database is unreachable (each a few hundred bytes)
 UNRECORDED_LIMIT = 20_000

@@ -18,7 +18,8 @@ from etl.config import Instance
 from etl.errors import Backoff, error_kind
 from etl.sync.outcome import SyncOutcome
 
-log = logging.getLogger(__name__)
+#: every line of a tick comes from one logger, "etl.sync", whichever part writes it
+log = logging.getLogger("etl.sync")
 
 
 def backoff_seconds(instance: Instance, failures: int, kind: str | None) -> int | None:

@@ -37,7 +37,8 @@ from etl.sync.plan import FirstLoad, TickPlan, plan_tick, vanished_chats
 from etl.sync.snapshot import Snapshot, SnapshotCache
 from etl.sync.store import Locked, store_for
 
-log = logging.getLogger(__name__)
+#: every line of a tick comes from one logger, "etl.sync", whichever part writes it
+log = logging.getLogger("etl.sync")
 
 #: the most ticks written in one transaction (group commit)
 GROUP_LIMIT = 32

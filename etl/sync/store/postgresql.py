@@ -20,7 +20,8 @@ from etl.sync.plan import FirstLoad, StoredChat, TickPlan
 from etl.sync.store import pg_sql
 from etl.sync.store.base import Locked, RunRow, Store, written_listeners
 
-log = logging.getLogger(__name__)
+#: the lock wait was logged as "etl.db" when the lock lived there; kept for log filters
+log = logging.getLogger("etl.db")
 
 
 def instance_lock_key(instance_id: int) -> tuple[int, int]:
