@@ -62,10 +62,10 @@ class Daemon:
                 "default": ThreadPoolExecutor(max_workers=max_workers),
                 # the liveness beat has a thread of its own: busy sync workers are not a hang
                 "liveness": ThreadPoolExecutor(max_workers=1),
-                # so has the replica heartbeat: behind a backlog of syncs (a first load of
-                # 10,000 instances) it waited ~50 s in the sync pool, and the other replicas
-                # would have counted this one dead; retention, which may take minutes,
-                # neither holds a sync worker nor delays the heartbeat
+                # so has the replica heartbeat: in the sync pool it would wait behind a
+                # backlog of syncs (a large fleet's first loads) for longer than the other
+                # replicas count it alive; retention, which may take minutes, neither holds
+                # a sync worker nor delays the heartbeat
                 "replica": ThreadPoolExecutor(max_workers=1),
                 "maintenance": ThreadPoolExecutor(max_workers=1),
             },
