@@ -173,11 +173,17 @@ def make_instance(sim: Simulator, id_instance: int | None = None, **overrides: A
     """An Instance pointing at the simulator, with test-friendly defaults."""
     iid = id_instance if id_instance is not None else sim.instance_ids[0]
     token = sim.token_for(iid) if iid in sim.instance_ids else "0" * 50
+    return instance_at(sim.url, iid, token, **overrides)
+
+
+def instance_at(api_url: str, id_instance: int, token: str, **overrides: Any) -> Instance:
+    """An Instance with test-friendly defaults at ``api_url`` (its token registered for
+    redaction)."""
     register_secret(token)
     values: dict[str, Any] = {
-        "id_instance": iid,
-        "label": f"test {iid}",
-        "api_url": sim.url,
+        "id_instance": id_instance,
+        "label": f"test {id_instance}",
+        "api_url": api_url,
         "token": SecretStr(token),
         "count": None,
         "enabled": True,

@@ -17,7 +17,6 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import SecretStr
 
 from etl.config import Instance
 from etl.errors import ErrorKind
@@ -26,6 +25,7 @@ from etl.sync.guards import CLEAR, GuardState, judge, parse_vanished_sample
 from etl.sync.plan import Event, FirstLoad, HistoryClose, TickPlan, plan_tick, vanished_chats
 from etl.sync.rules import MAX_CLOCK_SKEW, choose_valid_from, first_valid_from_sql
 from etl.sync.store import pg_sql
+from tests.conftest import instance_at
 from tests.test_properties import STEPS, Model, Step, _render
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -266,19 +266,8 @@ def test_vanished_chats_only_from_a_complete_list() -> None:
 
 
 def instance(confirmations: int = 3, count: int | None = None) -> Instance:
-    return Instance(
-        id_instance=IID,
-        label="t",
-        api_url="http://127.0.0.1:9",
-        token=SecretStr("0" * 50),
-        count=count,
-        enabled=True,
-        interval_seconds=60,
-        timeout_seconds=2.0,
-        connect_timeout_seconds=1.0,
-        max_attempts=1,
-        mass_removal_threshold=0.5,
-        mass_removal_confirmations=confirmations,
+    return instance_at(
+        "http://127.0.0.1:9", IID, "0" * 50, mass_removal_confirmations=confirmations, count=count
     )
 
 

@@ -12,12 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
 from etl.client import GreenApiClient
 from etl.config import Instance
 from etl.errors import ApiError, PayloadError
-from etl.redact import register_secret
 from etl.transport import (
     BodyTooLarge,
     Request,
@@ -26,30 +24,15 @@ from etl.transport import (
     TransportError,
     TransportTimeout,
 )
-from tests.conftest import CANARY
+from tests.conftest import CANARY, instance_at
 from tests.test_client import json_array, throwaway_server
 
 API = "https://api.example.test"
 
 
 def instance(**overrides: Any) -> Instance:
-    register_secret(CANARY)
-    values: dict[str, Any] = {
-        "id_instance": 1101000001,
-        "label": "fake",
-        "api_url": API,
-        "token": SecretStr(CANARY),
-        "count": None,
-        "enabled": True,
-        "interval_seconds": 60,
-        "timeout_seconds": 2.0,
-        "connect_timeout_seconds": 1.0,
-        "max_attempts": 4,
-        "mass_removal_threshold": 0.5,
-        "mass_removal_confirmations": 3,
-    }
-    values.update(overrides)
-    return Instance(**values)
+    api_url = overrides.pop("api_url", API)
+    return instance_at(api_url, 1101000001, CANARY, **{"label": "fake", **overrides})
 
 
 class FakeTransport:
