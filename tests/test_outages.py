@@ -7,8 +7,8 @@
 * Two ``etl sync --once`` at the same moment on the same instance, and two daemons on the
   same instances, on both backends.
 
-After each: no crash, a log line per failed tick, syncing resumes by itself within one
-interval, and no tick left partial rows (``check_history_invariants``,
+After each: no crash, a log line per failed tick, syncing resumes by itself at the next
+tick or so (``resume_bound``), and no tick left partial rows (``check_history_invariants``,
 ``check_runs_consistent``).
 """
 
@@ -138,6 +138,17 @@ def runs_of(engine: Engine, iid: int) -> list[Any]:
         "WHERE instance_id = :i ORDER BY started_at, id",
         i=iid,
     )
+
+
+def resume_bound(interval: float) -> float:
+    """Seconds after the database is back by which every instance has synced again. Its
+    next tick is due within one interval; a loaded machine may start it late, or drop it
+    as missed and run the one after, hence two intervals and a second. What the bound is
+    for takes longer: a backoff after the four or more failed ticks of these outages (4
+    intervals and up; ``database`` failures never back off, which test_backoff.py checks
+    without a clock) or connections left dead in the pool (the connect and keepalive
+    timeouts are 10 s and more)."""
+    return 2 * interval + 1.0
 
 
 def first_ok_after(engine: Engine, iids: list[int], since: float) -> dict[int, float]:
@@ -394,8 +405,8 @@ def _pg_outage(pg_db: str, direct: Engine, tmp_path: Path) -> None:
                 and ("could not claim the lease" in msg or "could not be recorded" in msg)
             ]
             assert len(failed) >= 3, f"{iid}: {len(failed)} failure lines in a 5 s outage\n{log}"
-        # resumed within one interval (plus scheduling slack) of the database's return
-        assert max(resumed.values()) <= INTERVAL + 1.0, resumed
+        # resumed at the next tick or so after the database's return
+        assert max(resumed.values()) <= resume_bound(INTERVAL), resumed
         # the ticks lost to the outage are in sync_runs (written once it was over)
         for iid in sim.instance_ids:
             assert_lost_ticks_recorded(direct, iid, cut_at, restored_at)
@@ -539,7 +550,7 @@ def test_sqlite_locked_with_a_short_busy_timeout(
         # about four ticks in four seconds; one line each
         assert len(failed) >= 3, [r.getMessage() for r in records]
         assert all("database" in r.getMessage() for r in failed)
-    assert max(resumed.values()) <= 1.5, resumed
+    assert max(resumed.values()) <= resume_bound(1), resumed
     # the ticks lost to the lock were written once it was gone: failed (database), one per
     # logged line, and nothing else from that period (the lock holder rolled back)
     for inst in fleet:
@@ -876,7 +887,7 @@ def private_pg() -> Iterator[PrivatePostgres]:
 def test_postgresql_server_stopped_and_started(private_pg: PrivatePostgres, tmp_path: Path) -> None:
     """The real thing: ``pg_ctl stop -m fast`` under a running daemon (every connection
     closed, nothing listening), 5 s down, ``pg_ctl start``. No crash, a log line per lost
-    tick, the lost ticks in ``sync_runs`` afterwards, syncing back within one interval."""
+    tick, the lost ticks in ``sync_runs`` afterwards, syncing back at the next tick."""
     engine = make_engine(private_pg.url)
     upgrade(engine)
     try:
@@ -922,7 +933,7 @@ def test_postgresql_server_stopped_and_started(private_pg: PrivatePostgres, tmp_
                 ]
                 assert len(logged) >= 3, f"{iid}: {len(logged)} lines in a 5 s outage\n{log}"
                 assert_lost_ticks_recorded(engine, iid, stopped_at, started_at)
-            assert max(resumed.values()) <= INTERVAL + 1.0, resumed
+            assert max(resumed.values()) <= resume_bound(INTERVAL), resumed
             check_history_invariants(engine)
             check_runs_consistent(engine)
             final_pass_matches(engine, sim)

@@ -1,7 +1,10 @@
 """The 60-second soak in CI: ``benchmarks/soak.py`` against PostgreSQL (50 instances, 1 s
 interval, 5 % faulty ticks). It fails when memory, threads, file descriptors or database
-connections grow, when a tick is missing from ``sync_runs`` or a request from the recorded
-attempts, or when the SCD2 invariants break. The 10-minute run and its figures are in
+connections leak (bounds that the daemon's pools set, not a comparison with an earlier
+sample: tests/test_soak_checks.py shows that each still reports a leak and not warm-up),
+when a tick is missing from ``sync_runs`` or a request from the recorded attempts, or when
+the SCD2 invariants break. Nothing here depends on how fast the machine is: how many ticks
+ran is a figure of the benchmark, not a check. The 10-minute run and its figures are in
 docs/reliability.md."""
 
 from __future__ import annotations
@@ -63,9 +66,11 @@ def test_soak(soak_db: str, tmp_path: Path) -> None:
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(summary, indent=1, sort_keys=True))
     assert proc.returncode == 0 and summary["ok"], summary["problems"]
-    # the daemon really worked through faults, on every instance, all along
+    # the daemon really worked through faults, on every instance, all along: each one was
+    # still synced in the last quarter of the run. A loaded machine skips ticks (the
+    # instance's previous one still runs) or drops late ones, but each instance's job comes
+    # round every interval and one tick lost does not hold back the next; an instance that
+    # stopped (stuck on a lock, backing off for good, its job gone) has none
     assert summary["faults_injected_total"] > 0
     assert summary["sync_runs_by_status"]["failed"] > 0
-    assert summary["ticks_per_instance_min"] >= 0.5 * float(DURATION)
-    # most ticks ran even on a loaded CI machine (the rest are logged scheduler skips)
-    assert summary["sync_runs"] >= 0.25 * summary["expected_ticks"], summary
+    assert summary["ticks_per_instance_last_quarter_min"] > 0, summary

@@ -578,13 +578,18 @@ def test_api_failure_changes_nothing_and_is_recorded(sim, engine, csyncer, inst)
 
 
 def test_two_syncs_of_one_instance_never_overlap_in_a_process(sim, engine, csyncer, inst):
-    sim.set_fault(inst.id_instance, Fault(delay=0.6))
+    sim.set_fault(inst.id_instance, Fault(delay=1.5))
     results = []
     t = threading.Thread(target=lambda: results.append(csyncer.sync(inst)))
     t.start()
     import time
 
-    time.sleep(0.2)
+    # the first sync has fetched (it holds the instance from before its request until
+    # its answer, 1.5 s later): waiting for that, not a fixed sleep, orders the two syncs
+    # on a loaded machine too
+    deadline = time.monotonic() + 10
+    while sim.request_count(inst.id_instance) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
     second = csyncer.sync(inst)
     t.join()
     assert second.status == "skipped"
