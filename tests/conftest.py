@@ -176,9 +176,9 @@ def make_instance(sim: Simulator, id_instance: int | None = None, **overrides: A
     return instance_at(sim.url, iid, token, **overrides)
 
 
-def instance_at(api_url: str, id_instance: int, token: str, **overrides: Any) -> Instance:
+def instance_at(api_url: str, id_instance: int, token: str, /, **overrides: Any) -> Instance:
     """An Instance with test-friendly defaults at ``api_url`` (its token registered for
-    redaction)."""
+    redaction); ``overrides`` may replace any field, the URL and the token too."""
     register_secret(token)
     values: dict[str, Any] = {
         "id_instance": id_instance,
