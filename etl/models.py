@@ -36,6 +36,21 @@ SYNC_STATUSES = ("ok", "anomaly", "failed")
 #: BIGINT on PostgreSQL, INTEGER on SQLite (where only INTEGER PRIMARY KEY autoincrements)
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
+#: PostgreSQL's number of the current write transaction, as the ``change_seq`` of what it
+#: writes (the column's default there; updates set it explicitly)
+PG_CHANGE_SEQ = "CAST(CAST(pg_current_xact_id() AS text) AS bigint)"
+
+
+def change_seq_column() -> Mapped[int]:
+    """The incremental-load cursor of a table that changes (docs/queries.md#incremental-loads):
+    the number of the write transaction that last inserted or changed the row.
+
+    PostgreSQL: the transaction id (the column's default, revision 0008); rows are final
+    below ``load_watermark``. SQLite: the store's counter, one above every number stored
+    (writers are serialised). Rows from before 0008 have 1.
+    """
+    return mapped_column(BigInteger, index=True)
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """TIMESTAMPTZ on PostgreSQL; on SQLite a UTC text timestamp. Always returns aware UTC."""
@@ -77,6 +92,7 @@ class InstanceRow(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+    change_seq: Mapped[int] = change_seq_column()
 
 
 class Chat(Base):
@@ -94,6 +110,7 @@ class Chat(Base):
     first_seen_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     removed_at: Mapped[datetime | None]
+    change_seq: Mapped[int] = change_seq_column()
 
 
 class ChatEphemeralHistory(Base):
@@ -131,6 +148,44 @@ class ChatEphemeralHistory(Base):
         BigInteger,
         ForeignKey("sync_runs.id", deferrable=True, initially="DEFERRED"),
     )
+    change_seq: Mapped[int] = change_seq_column()
+
+
+class ChatPresence(Base):
+    """When each chat was in the instance's list: one row per period of presence, the gaps
+    between them are its absences; ``valid_to IS NULL`` while it is in the list."""
+
+    __tablename__ = "chat_presence"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["instance_id", "chat_id"],
+            ["chats.instance_id", "chats.chat_id"],
+            name="fk_chat_presence_chat",
+        ),
+        # an empty period is a chat seen and missed at the same clock reading
+        CheckConstraint("valid_to IS NULL OR valid_to >= valid_from", name="valid_interval"),
+        Index(
+            "uq_chat_presence_open",
+            "instance_id",
+            "chat_id",
+            unique=True,
+            postgresql_where=text("valid_to IS NULL"),
+            sqlite_where=text("valid_to IS NULL"),
+        ),
+        Index("ix_chat_presence_chat", "instance_id", "chat_id", "valid_from"),
+        Index("ix_chat_presence_sync_run_id", "sync_run_id"),  # retention
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    instance_id: Mapped[int] = mapped_column(BigInteger)
+    chat_id: Mapped[str] = mapped_column(Text)
+    valid_from: Mapped[datetime]
+    valid_to: Mapped[datetime | None]
+    sync_run_id: Mapped[int | None] = mapped_column(
+        BigInteger,
+        ForeignKey("sync_runs.id", deferrable=True, initially="DEFERRED"),
+    )
+    change_seq: Mapped[int] = change_seq_column()
 
 
 class SyncRun(Base):
@@ -161,6 +216,7 @@ class SyncRun(Base):
     duration_ms: Mapped[int] = mapped_column(Integer, default=0)
     #: seconds until this instance is polled again when backing off; NULL = normal interval
     backoff_seconds: Mapped[int | None] = mapped_column(Integer)
+    change_seq: Mapped[int] = change_seq_column()
 
 
 EVENT_TYPES = (
@@ -196,6 +252,7 @@ class ChatEvent(Base):
         BigInteger,
         ForeignKey("sync_runs.id", deferrable=True, initially="DEFERRED"),
     )
+    change_seq: Mapped[int] = change_seq_column()
 
 
 class InstanceSyncState(Base):
@@ -232,7 +289,11 @@ class Replica(Base):
 instances_t = cast(Table, InstanceRow.__table__)
 chats_t = cast(Table, Chat.__table__)
 history_t = cast(Table, ChatEphemeralHistory.__table__)
+presence_t = cast(Table, ChatPresence.__table__)
 runs_t = cast(Table, SyncRun.__table__)
 events_t = cast(Table, ChatEvent.__table__)
 state_t = cast(Table, InstanceSyncState.__table__)
 replicas_t = cast(Table, Replica.__table__)
+
+#: the tables with a ``change_seq`` cursor, in the order docs/queries.md lists them
+CURSOR_TABLES = (chats_t, history_t, presence_t, events_t, runs_t, instances_t)

@@ -1,11 +1,17 @@
 """Retention of ``sync_runs``: delete rows older than N days, in short batches.
 
 Each batch is its own transaction: pick the oldest ``batch_size`` runs below the cutoff
-(index ``ix_sync_runs_started_at``), set ``chat_ephemeral_history.sync_run_id`` and
-``chat_events.sync_run_id`` to NULL where they point at those runs, then delete them. So
+(index ``ix_sync_runs_started_at``), set ``chat_ephemeral_history.sync_run_id``,
+``chat_presence.sync_run_id`` and ``chat_events.sync_run_id`` to NULL where they point at
+those runs, then delete them. So
 no reference ever dangles, the table stays bounded even when every tick changes
 something, and no lock is held for longer than one batch. The history and event rows
-themselves are kept; they only lose the link to a run that no longer exists.
+themselves are kept; they only lose the link to a run that no longer exists (not a change
+for an incremental load: their ``change_seq`` stays, as the warehouse keeps the run).
+
+The run with the highest ``change_seq`` is never pruned: SQLite numbers each write one
+above every number stored, and deleting the top one would let the next write reuse a
+number a loader has already passed.
 """
 
 from __future__ import annotations
@@ -19,13 +25,22 @@ from typing import cast
 from sqlalchemy import Connection, Engine, Table, delete, select, update
 
 from etl.clock import utcnow
-from etl.models import ChatEphemeralHistory, ChatEvent, SyncRun
+from etl.models import ChatEphemeralHistory, ChatEvent, ChatPresence, SyncRun
 
 log = logging.getLogger(__name__)
 
 runs_t = cast(Table, SyncRun.__table__)
 history_t = cast(Table, ChatEphemeralHistory.__table__)
 events_t = cast(Table, ChatEvent.__table__)
+presence_t = cast(Table, ChatPresence.__table__)
+
+#: the run kept whatever its age (the module's docstring says why)
+_top_run = (
+    select(runs_t.c.id)
+    .order_by(runs_t.c.change_seq.desc(), runs_t.c.id.desc())
+    .limit(1)
+    .scalar_subquery()
+)
 
 #: PostgreSQL advisory lock key: one replica prunes at a time, the others skip
 _LOCK_KEY = (4244, 0)
@@ -67,14 +82,14 @@ def prune_sync_runs(
             ids = list(
                 conn.execute(
                     select(runs_t.c.id)
-                    .where(runs_t.c.started_at < cutoff)
+                    .where(runs_t.c.started_at < cutoff, runs_t.c.id != _top_run)
                     .order_by(runs_t.c.started_at)
                     .limit(batch_size)
                 ).scalars()
             )
             if not ids:
                 break
-            for child in (history_t, events_t):
+            for child in (history_t, events_t, presence_t):
                 conn.execute(
                     update(child).where(child.c.sync_run_id.in_(ids)).values(sync_run_id=None)
                 )

@@ -121,3 +121,33 @@ def check_history_invariants(engine: Engine) -> None:
         current = chats[key]
         assert hist[-1].ephemeral_expiration == current.ephemeral_expiration
         assert hist[-1].ephemeral_setting_at == current.ephemeral_setting_at
+    check_presence_invariants(engine)
+
+
+def check_presence_invariants(engine: Engine) -> None:
+    """Every chat has presence periods: the first from its first sighting, in order, never
+    overlapping; an open one exactly while it is not removed, else the last ends at its
+    removal."""
+    periods: dict[tuple[int, str], list[Any]] = {}
+    for r in rows(
+        engine,
+        "SELECT instance_id, chat_id, valid_from, valid_to FROM chat_presence "
+        "ORDER BY instance_id, chat_id, valid_from, id",
+    ):
+        periods.setdefault((r.instance_id, r.chat_id), []).append(r)
+    chats = {
+        (r.instance_id, r.chat_id): r
+        for r in rows(engine, "SELECT instance_id, chat_id, first_seen_at, removed_at FROM chats")
+    }
+    assert set(periods) == set(chats), "every chat has presence, and only chats do"
+    for key, chat in chats.items():
+        got = periods[key]
+        assert got[0].valid_from == chat.first_seen_at, f"{key}: first period"
+        for prev, nxt in zip(got, got[1:], strict=False):
+            assert prev.valid_to is not None, f"{key}: an open period before another"
+            assert prev.valid_to <= nxt.valid_from, f"{key}: periods overlap"
+        for p in got:
+            assert p.valid_to is None or p.valid_to >= p.valid_from, f"{key}: backwards"
+        assert (got[-1].valid_to is None) == (chat.removed_at is None), f"{key}: open period"
+        if chat.removed_at is not None:
+            assert got[-1].valid_to == chat.removed_at, f"{key}: ends at its removal"

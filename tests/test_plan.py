@@ -338,6 +338,8 @@ def test_a_tick_statement_has_a_parameter_for_every_placeholder_and_ends_with_th
         "chat_ephemeral_history",
         "chat_ephemeral_history",
         "chat_events",
+        "chat_presence",  # 5@c.us leaves the list
+        "chat_presence",  # 9@c.us enters it
         "sync_runs",
     ]
     # the new periods wait for the closes (one open row per chat is a unique index)
@@ -351,7 +353,13 @@ def test_a_tick_without_closes_does_not_wait_for_them() -> None:
         {"id": 1}
     )
     assert " k AS " not in sql and "FROM k" not in sql and placeholders(sql) == len(params)
-    assert tables == ["chats", "chat_ephemeral_history", "chat_events", "sync_runs"]
+    assert tables == [
+        "chats",
+        "chat_ephemeral_history",
+        "chat_events",
+        "chat_presence",
+        "sync_runs",
+    ]
 
 
 def test_the_first_load_derives_valid_from_with_the_one_rule() -> None:
@@ -360,7 +368,13 @@ def test_the_first_load_derives_valid_from_with_the_one_rule() -> None:
     assert first_valid_from_sql("ephemeral_setting_at", "%s", "%s") in sql
     assert placeholders(sql) == len(params)
     assert NOW + MAX_CLOCK_SKEW in params
-    assert tables == ["chats", "chat_ephemeral_history", "chat_events", "sync_runs"]
+    assert tables == [
+        "chats",
+        "chat_ephemeral_history",
+        "chat_events",
+        "chat_presence",
+        "sync_runs",
+    ]
 
 
 # -- the hypothesis model, against the plan alone ---------------------------------------------
@@ -372,6 +386,7 @@ class MemoryStore:
 
     chats: dict[str, dict[str, Any]] = field(default_factory=dict)
     periods: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    presence: dict[str, list[list[datetime | None]]] = field(default_factory=dict)
     guard: GuardState = CLEAR
 
     def stored(self, chat_id: str) -> Stored:
@@ -400,6 +415,13 @@ class MemoryStore:
         for h in plan.history_rows(0):
             assert not any(p["valid_to"] is None for p in self.periods.get(h["chat_id"], []))
             self.periods.setdefault(h["chat_id"], []).append(h)
+        for pc in plan.presence_closes:
+            assert self.presence[pc.chat_id][-1][1] is None, pc
+            self.presence[pc.chat_id][-1][1] = pc.valid_to
+        for po in plan.presence_opens:
+            periods = self.presence.setdefault(po.chat_id, [])
+            assert not periods or periods[-1][1] is not None, po
+            periods.append([po.valid_from, None])
 
 
 def tick(store: MemoryStore, inst: Instance, body: bytes, now: datetime) -> dict[str, Any]:
@@ -470,7 +492,7 @@ def test_the_model_agrees_with_the_plan(
     for step in steps:
         now += timedelta(seconds=step.advance)
         body = _render(step.elements, now)
-        expected = model.apply(body)
+        expected = model.apply(body, now)
         got = tick(store, inst, body, now)
         want = {k.removeprefix("chats_"): v for k, v in expected.items()}
         assert {k.removeprefix("chats_"): v for k, v in got.items()} == want, body
@@ -483,4 +505,5 @@ def test_the_model_agrees_with_the_plan(
                 m.setting_at,
             )
             assert (r["removed_at"] is not None) == m.removed, body
+        assert store.presence == model.presence, body
         check_periods(store, now)

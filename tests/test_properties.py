@@ -13,6 +13,9 @@ After every tick, against a model of the documented semantics:
   go backwards; the open row equals the chat's current setting (``check_history_invariants``);
 * a new period never starts before the previous one, nor more than the skew ahead;
 * ``chats`` equals the last accepted snapshot, vanished chats with ``removed_at``;
+* ``chat_presence`` holds, per chat, exactly the periods the model saw it in the applied
+  lists: opened at the tick that first (or again) saw it, closed at the tick that removed it
+  (anomalies and incomplete lists change nothing);
 * the ``sync_runs`` row has the model's status and counts, and every run's counts match the
   rows it wrote (``check_runs_consistent``).
 
@@ -39,6 +42,7 @@ from sqlalchemy import Engine, Table, select
 
 from etl.client import FetchResult
 from etl.config import Instance
+from etl.models import presence_t
 from etl.payload import decode_chats
 from etl.sync import MAX_CLOCK_SKEW, Syncer, chats_t, history_t, register_instances, runs_t
 from tests.conftest import make_instance
@@ -177,9 +181,12 @@ class Model:
     chats: dict[str, ModelChat] = field(default_factory=dict)
     pending: frozenset[str] | None = None
     streak: int = 0
+    #: chat -> its presence periods [valid_from, valid_to or None], oldest first
+    presence: dict[str, list[list[datetime | None]]] = field(default_factory=dict)
 
-    def apply(self, body: bytes) -> dict[str, Any]:
-        """What the tick must record: status, error_kind and counts (the spec, not the code)."""
+    def apply(self, body: bytes, now: datetime = T0) -> dict[str, Any]:
+        """What the tick must record: status, error_kind and counts (the spec, not the code);
+        ``now`` is the tick's clock, when presence periods open and close."""
         dec = decode_chats(body)
         out: dict[str, Any] = {
             "status": "ok",
@@ -219,6 +226,7 @@ class Model:
                     c.ephemeral_expiration if c.ephemeral_known else 0,  # type: ignore[arg-type]
                     c.ephemeral_setting_at if c.ephemeral_known else None,
                 )
+                self.presence[c.chat_id] = [[now, None]]
                 out["chats_inserted"] += 1
                 continue
             eph = c.ephemeral_known and (
@@ -228,6 +236,8 @@ class Model:
             if eph or old.removed or attrs:
                 out["chats_updated"] += 1
             out["ephemeral_changes"] += eph
+            if old.removed:  # back in the list
+                self.presence[c.chat_id].append([now, None])
             old.name, old.chat_type, old.archived = c.name, c.chat_type, c.archived
             old.removed = False
             if c.ephemeral_known:
@@ -235,6 +245,7 @@ class Model:
                 old.setting_at = c.ephemeral_setting_at
         for cid in vanished:
             self.chats[cid].removed = True
+            self.presence[cid][-1][1] = now
         out["chats_removed"] = len(vanished)
         return out
 
@@ -320,7 +331,7 @@ def test_random_snapshot_sequences_keep_every_invariant(
         if step.restart:
             syncer = Syncer(engine, client, clock=clock)  # type: ignore[arg-type]
         client.body = _render(step.elements, clock.now)
-        expected = model.apply(client.body)
+        expected = model.apply(client.body, clock.now)
         out = syncer.sync(inst)
         where = f"step {n}: {client.body!r}"
         run = _select(engine, runs_t, runs_t.c.id == out.sync_run_id)[0]
@@ -351,6 +362,12 @@ def test_random_snapshot_sequences_keep_every_invariant(
                 assert h.sync_run_id == out.sync_run_id, where
                 assert h.valid_from <= clock.now + MAX_CLOCK_SKEW, where
         history_before = history
+        presence: dict[str, list[list[datetime | None]]] = {}
+        for p in sorted(
+            _select(engine, presence_t, presence_t.c.instance_id == iid), key=lambda p: p.id
+        ):
+            presence.setdefault(p.chat_id, []).append([p.valid_from, p.valid_to])
+        assert presence == model.presence, where
         check_history_invariants(engine)
     check_runs_consistent(engine)
 

@@ -14,7 +14,11 @@ The rules, for one chat of the list:
   a new one opens at ``choose_valid_from`` (``ephemeral_changed``); an element without
   the ephemeral fields keeps the stored setting;
 * a stored chat missing from a complete list: marked removed (``removed``); its history
-  stays open (the setting was last seen that way).
+  stays open (the setting was last seen that way);
+* presence: a chat that enters the list (new, or back from removal) opens a presence
+  period at the tick's clock; a chat marked removed closes its period then. A list that
+  removes nothing (``count``-limited, or with an unidentifiable element) closes none, and
+  an anomaly is never planned at all.
 """
 
 from __future__ import annotations
@@ -79,6 +83,24 @@ class HistoryClose:
 
 
 @dataclass(frozen=True, slots=True)
+class PresenceOpen:
+    """A chat entering the list: a new open ``chat_presence`` period (the stores never let
+    it start before the chat's previous period ended)."""
+
+    chat_id: str
+    valid_from: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceClose:
+    """A chat leaving the list: the end of its open presence period (never before its
+    start)."""
+
+    chat_id: str
+    valid_to: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class Counts:
     """The counts a tick records in ``sync_runs``."""
 
@@ -103,6 +125,8 @@ class TickPlan:
     closes: list[HistoryClose] = field(default_factory=list)
     opens: list[HistoryOpen] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    presence_opens: list[PresenceOpen] = field(default_factory=list)
+    presence_closes: list[PresenceClose] = field(default_factory=list)
     inserted: int = 0
     updated: int = 0
     ephemeral_changes: int = 0
@@ -127,6 +151,18 @@ class TickPlan:
                 "sync_run_id": run_id,
             }
             for h in self.opens
+        ]
+
+    def presence_rows(self, run_id: int) -> list[dict[str, Any]]:
+        return [
+            {
+                "instance_id": self.instance_id,
+                "chat_id": p.chat_id,
+                "valid_from": p.valid_from,
+                "valid_to": None,
+                "sync_run_id": run_id,
+            }
+            for p in self.presence_opens
         ]
 
     def event_rows(self, run_id: int) -> list[dict[str, Any]]:
@@ -275,8 +311,11 @@ def plan_tick(
             (plan.upserts if chat.chat_id in in_table else plan.inserts).append(values)
             new_chats.append(chat)
             plan.events.append(Event(chat.chat_id, "created", None, chat.name, now))
+            plan.presence_opens.append(PresenceOpen(chat.chat_id, now))
             plan.inserted += 1
             continue
+        if row.removed_at is not None:
+            plan.presence_opens.append(PresenceOpen(chat.chat_id, now))
         setting_changed = ephemeral_changed(chat, row)
         if _changed(chat, row, setting_changed):
             plan.upserts.append(chat_values(instance_id, chat, now, row))
@@ -286,6 +325,7 @@ def plan_tick(
             changes.append(_SettingChange(chat, row.ephemeral_expiration, row.open_from))
     plan.removed = sorted(vanished)
     plan.events.extend(Event(cid, "removed", None, None, now) for cid in plan.removed)
+    plan.presence_closes = [PresenceClose(cid, now) for cid in plan.removed]
     _plan_history(plan, new_chats, changes)
     return plan
 

@@ -20,7 +20,9 @@ def register_instances(
     now = now or utcnow()
     configured = {i.id_instance for i in instances}
     with engine.begin() as conn:
-        store_for(conn.dialect.name).lock_registry(conn)
+        store = store_for(conn.dialect.name)
+        store.lock_registry(conn)
+        seq = store.change_seq(conn)
         stored = {
             r.id_instance: r
             for r in conn.execute(
@@ -44,14 +46,14 @@ def register_instances(
                 conn.execute(
                     update(instances_t)
                     .where(instances_t.c.id_instance == inst.id_instance)
-                    .values(updated_at=now, **values)
+                    .values(updated_at=now, change_seq=seq, **values)
                 )
         if new_rows:
-            conn.execute(insert(instances_t), new_rows)
+            conn.execute(insert(instances_t).values(change_seq=seq), new_rows)
         gone = [i for i, r in stored.items() if i not in configured and r.enabled]
         if gone:
             conn.execute(
                 update(instances_t)
                 .where(instances_t.c.id_instance.in_(gone))
-                .values(enabled=False, updated_at=now)
+                .values(enabled=False, updated_at=now, change_seq=seq)
             )

@@ -65,6 +65,9 @@ class Locked:
     guard: GuardState
     #: the stored rows of the ``read_ids`` asked for, when read with the lock
     stored: dict[str, StoredChat] | None = None
+    #: the ``change_seq`` this tick writes, where the store numbers writes itself (SQLite);
+    #: None where the database does (PostgreSQL: the transaction id)
+    change_seq: int | None = None
 
 
 class Store:
@@ -111,7 +114,8 @@ class Store:
         upsert = self.insert(chats_t)
         self.upsert_chats = upsert.on_conflict_do_update(
             index_elements=[chats_t.c.instance_id, chats_t.c.chat_id],
-            set_={c: upsert.excluded[c] for c in UPSERT_UPDATES},
+            # the row's new change_seq too: an incremental load must see it again
+            set_={c: upsert.excluded[c] for c in (*UPSERT_UPDATES, "change_seq")},
         )
         self.load_rows_stmt = (
             select(*STORED_CHAT, history_t.c.valid_from.label("open_from"))
@@ -148,6 +152,11 @@ class Store:
 
     def lock_registry(self, conn: Connection) -> None:
         """Serialise the writers of the ``instances`` table (replicas starting together)."""
+
+    def change_seq(self, conn: Connection) -> Any:
+        """The ``change_seq`` of the rows this transaction writes next, as a value for a
+        Core statement's ``values()`` (docs/queries.md#incremental-loads)."""
+        raise NotImplementedError
 
     def save_guard_state(
         self, conn: Connection, iid: int, state: GuardState, now: datetime
@@ -218,8 +227,9 @@ class Store:
 
     def write_failure(self, conn: Connection, row: dict[str, Any]) -> int:
         """The run row of a failed tick, in a transaction of its own; returns its id."""
-        return int(conn.execute(insert(runs_t).values(**row).returning(runs_t.c.id)).scalar_one())
+        stmt = insert(runs_t).values(**row, change_seq=self.change_seq(conn))
+        return int(conn.execute(stmt.returning(runs_t.c.id)).scalar_one())
 
     def write_failures(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Failed ticks kept while the database was unreachable."""
-        conn.execute(insert(runs_t), rows)
+        conn.execute(insert(runs_t).values(change_seq=self.change_seq(conn)), rows)

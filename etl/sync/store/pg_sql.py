@@ -17,7 +17,7 @@ import orjson
 from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql
 
-from etl.models import chats_t, events_t, history_t
+from etl.models import PG_CHANGE_SEQ, chats_t, events_t, history_t
 from etl.sync.plan import FirstLoad, TickPlan
 from etl.sync.rules import MAX_CLOCK_SKEW, first_valid_from_sql
 from etl.sync.store.base import UPSERT_UPDATES
@@ -68,20 +68,46 @@ WAIT_LOCK = "SELECT pg_advisory_xact_lock(%s, %s)"
 #: the ``instances`` table's writers' lock
 LOCK_REGISTRY = "SELECT pg_advisory_xact_lock(%s, %s)"
 
-_UPSERT_CHATS_SUFFIX = " ON CONFLICT (instance_id, chat_id) DO UPDATE SET " + ", ".join(
-    f"{c} = excluded.{c}" for c in UPSERT_UPDATES
+# Inserts take ``change_seq`` from the column's default (the transaction id); every update
+# sets it, so that an incremental load sees the changed row again.
+_UPSERT_CHATS_SUFFIX = (
+    " ON CONFLICT (instance_id, chat_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in UPSERT_UPDATES)
+    + f", change_seq = {PG_CHANGE_SEQ}"
 )
 
+# (the f-strings below insert PG_CHANGE_SEQ, this module's own SQL; values are parameters)
 #: parameters: (now, now, instance id, chat ids)
 _MARK_REMOVED = (
-    "UPDATE chats SET removed_at = %s, updated_at = %s WHERE instance_id = %s AND chat_id = ANY(%s)"
+    f"UPDATE chats SET removed_at = %s, updated_at = %s, change_seq = {PG_CHANGE_SEQ} "  # noqa: S608
+    "WHERE instance_id = %s AND chat_id = ANY(%s)"
 )
 
 #: parameters: (rows as JSON, instance id)
-_CLOSE_HISTORY = """
-UPDATE chat_ephemeral_history AS h SET valid_to = v.valid_to
+_CLOSE_HISTORY = f"""
+UPDATE chat_ephemeral_history AS h SET valid_to = v.valid_to, change_seq = {PG_CHANGE_SEQ}
 FROM json_to_recordset(%s::json) AS v (chat_id text, valid_to timestamptz)
 WHERE h.instance_id = %s AND h.chat_id = v.chat_id AND h.valid_to IS NULL RETURNING 1
+"""  # noqa: S608
+
+#: parameters: (rows as JSON, instance id); a period never ends before it starts, even if
+#: the clock stepped back
+_CLOSE_PRESENCE = f"""
+UPDATE chat_presence AS p
+SET valid_to = GREATEST(v.valid_to, p.valid_from), change_seq = {PG_CHANGE_SEQ}
+FROM json_to_recordset(%s::json) AS v (chat_id text, valid_to timestamptz)
+WHERE p.instance_id = %s AND p.chat_id = v.chat_id AND p.valid_to IS NULL RETURNING 1
+"""  # noqa: S608
+
+#: parameters: (instance id, instance id, run id, rows as JSON); a period never starts
+#: before the chat's previous one ended, even if the clock stepped back
+_OPEN_PRESENCE = """
+INSERT INTO chat_presence (instance_id, chat_id, valid_from, valid_to, sync_run_id)
+SELECT %s, x.chat_id,
+       GREATEST(x.valid_from, (SELECT MAX(q.valid_to) FROM chat_presence q
+                               WHERE q.instance_id = %s AND q.chat_id = x.chat_id)),
+       NULL, %s
+FROM json_to_recordset(%s::json) AS x (chat_id text, valid_from timestamptz) RETURNING 1
 """
 
 
@@ -189,7 +215,20 @@ def tick_statement(plan: TickPlan, run_id: int) -> CteStatement:
         after_closes = " WHERE (SELECT count(*) FROM k) >= 0"
     w.add_rows("h", history_t, plan.history_rows(run_id), after_closes)
     w.add_rows("e", events_t, plan.event_rows(run_id), "")
+    _add_presence(w, plan, run_id)
     return w
+
+
+def _add_presence(w: CteStatement, plan: TickPlan, run_id: int) -> None:
+    """The presence closes and opens of a tick: different chats (one leaves the list, the
+    other enters it), so the two parts never touch the same row."""
+    iid = plan.instance_id
+    if plan.presence_closes:
+        closes = [{"chat_id": c.chat_id, "valid_to": c.valid_to} for c in plan.presence_closes]
+        w.add("pc", "chat_presence", _CLOSE_PRESENCE, json_rows(closes), iid)
+    if plan.presence_opens:
+        opens = [{"chat_id": o.chat_id, "valid_from": o.valid_from} for o in plan.presence_opens]
+        w.add("po", "chat_presence", _OPEN_PRESENCE, iid, iid, run_id, json_rows(opens))
 
 
 #: the chats of a first load, as one JSON parameter (``ChatRecord``s as orjson dumps them)
@@ -214,6 +253,11 @@ SELECT %s, chat_id, COALESCE(ephemeral_expiration, 0), ephemeral_setting_at,
 FROM v RETURNING 1
 """  # noqa: S608
 #: parameters: instance id, now, run id
+_FIRST_LOAD_PRESENCE = """
+INSERT INTO chat_presence (instance_id, chat_id, valid_from, valid_to, sync_run_id)
+SELECT %s, chat_id, %s, NULL, %s FROM v RETURNING 1
+"""
+#: parameters: instance id, now, run id
 _FIRST_LOAD_EVENTS = """
 INSERT INTO chat_events (instance_id, chat_id, event_type, old_value, new_value,
                          occurred_at, sync_run_id)
@@ -234,4 +278,5 @@ def first_load_statement(load: FirstLoad, run_id: int) -> CteStatement:
         "h", "chat_ephemeral_history", _FIRST_LOAD_HISTORY, iid, now + MAX_CLOCK_SKEW, now, run_id
     )
     w.add("e", "chat_events", _FIRST_LOAD_EVENTS, iid, now, run_id)
+    w.add("p", "chat_presence", _FIRST_LOAD_PRESENCE, iid, now, run_id)
     return w

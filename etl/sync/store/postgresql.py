@@ -12,9 +12,10 @@ import logging
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, literal_column
 from sqlalchemy.dialects import postgresql
 
+from etl.models import PG_CHANGE_SEQ
 from etl.sync.guards import GuardState
 from etl.sync.plan import FirstLoad, StoredChat, TickPlan
 from etl.sync.store import pg_sql
@@ -79,6 +80,10 @@ class PostgresStore(Store):
 
     def lock_registry(self, conn: Connection) -> None:
         conn.exec_driver_sql(pg_sql.LOCK_REGISTRY, REGISTRY_LOCK_KEY)
+
+    def change_seq(self, conn: Connection) -> Any:
+        # the transaction id, evaluated by the statement (also each cursor column's default)
+        return literal_column(PG_CHANGE_SEQ)
 
     def _read(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
         return list(conn.exec_driver_sql(pg_sql.LOAD_ROWS, params))
