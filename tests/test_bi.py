@@ -12,6 +12,7 @@ time zone on purpose: every day/hour bucket must still be a UTC one.
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ from etl.models import Base
 from etl.simulator import Fault, Simulator
 from etl.sync import Syncer, register_instances
 from tests.conftest import make_instance
-from tests.factories import chat, chats_list, check_history_invariants, rows
+from tests.factories import chat, chats_list, check_history_invariants, rows, scalar
 
 ROOT = Path(__file__).resolve().parent.parent
 QUERIES_MD = ROOT / "docs" / "queries.md"
@@ -330,6 +331,13 @@ class BiData:
     history: dict[tuple[int, str], list[tuple[int, datetime, datetime | None, Any, str]]] = field(
         default_factory=dict
     )
+    #: (instance, chat) -> [(valid_from, valid_to, tick)]: when it was in the list
+    presence: dict[tuple[int, str], list[tuple[datetime, datetime | None, str]]] = field(
+        default_factory=dict
+    )
+
+    def present(self, key: tuple[int, str], at: datetime) -> bool:
+        return any(vf <= at and (vt is None or vt > at) for vf, vt, _ in self.presence.get(key, []))
 
     def d(self, day: int, hour: int = 0, minute: int = 0) -> datetime:
         return self.day0 + timedelta(days=day, hours=hour, minutes=minute)
@@ -373,11 +381,13 @@ def _payloads(ds: BiData) -> dict[str, dict[int, list[Any]]]:
         a["k2"][3],
         a["k2"][4],
     ]
+    # B1 has its timer on, is removed at k2 and back at k3: every as-of answer between
+    # them leaves it out
     b0 = [
-        chat(B1, name="Carol"),
+        chat(B1, name="Carol", expiration=604800, stamp=ts(d(0, 9, 40))),
         chat(B2, name="Dev", kind="group", expiration=7776000, stamp=ts(d(0, 9, 30))),
     ]
-    b3 = [chat(B1, name="Carol K"), b0[1]]
+    b3 = [chat(B1, name="Carol K", expiration=604800, stamp=ts(d(0, 9, 40))), b0[1]]
     b4 = [b3[0], chat(B2, name="Dev", kind="group", expiration=7776000, stamp=ts(d(4, 8)))]
     c0 = [chat(C1, name="Dan"), chat(C2, name="News", kind="channel")]
     return {
@@ -453,13 +463,25 @@ def _expected_history(ds: BiData) -> dict[tuple[int, str], list[Any]]:
         (A, A3): [(0, d(0, 10), None, None, "k0")],
         (A, A4): [(604800, d(-40, 12), None, d(-40, 12), "k0")],
         (A, A5): [(86400, d(2, 9), None, d(2, 9), "k2")],
-        (B, B1): [(0, d(0, 10), None, None, "k0")],
+        (B, B1): [(604800, d(0, 9, 40), None, d(0, 9, 40), "k0")],
         (B, B2): [
             (7776000, d(0, 9, 30), d(4, 8), d(0, 9, 30), "k0"),
             (7776000, d(4, 8), None, d(4, 8), "k4"),
         ],
         (C, C1): [(0, d(0, 10), None, None, "k0")],
         (C, C2): [(0, d(0, 10), None, None, "k0")],
+    }
+
+
+def _expected_presence(ds: BiData) -> dict[tuple[int, str], list[Any]]:
+    d = ds.d
+    always = {key: [(d(0, 10), None, "k0")] for key in ((A, A1), (A, A2), (A, A3), (A, A4))}
+    return always | {
+        (A, A5): [(d(2, 10), None, "k2")],
+        (B, B1): [(d(0, 10), d(2, 10), "k0"), (d(3, 10), None, "k3")],
+        (B, B2): [(d(0, 10), None, "k0")],
+        (C, C1): [(d(0, 10), None, "k0")],
+        (C, C2): [(d(0, 10), None, "k0")],
     }
 
 
@@ -505,6 +527,7 @@ def build_bi_data(engine: Engine, dialect: str) -> BiData:
             client.close()
     ds.events = _expected_events(ds)
     ds.history = _expected_history(ds)
+    ds.presence = _expected_presence(ds)
     return ds
 
 
@@ -567,6 +590,21 @@ def test_data_set_history_is_as_designed(bi):
     check_history_invariants(bi.engine)
 
 
+def test_data_set_presence_is_as_designed(bi):
+    got: dict[tuple[int, str], list[Any]] = {}
+    for r in rows(
+        bi.engine,
+        "SELECT instance_id, chat_id, valid_from, valid_to, sync_run_id FROM chat_presence "
+        "ORDER BY instance_id, chat_id, valid_from",
+    ):
+        got.setdefault((r[0], r[1]), []).append((as_utc(r[2]), as_utc(r[3]), r[4]))
+    want = {
+        key: [(vf, vt, bi.run_ids[(key[0], tick)]) for vf, vt, tick in periods]
+        for key, periods in bi.presence.items()
+    }
+    assert got == want
+
+
 def test_data_set_events_are_as_designed(bi):
     got = [
         (r[0], r[1], r[2], r[3], r[4], as_utc(r[5]), r[6])
@@ -618,7 +656,17 @@ def test_view_chats_current(bi):
             d(0, 10),
         ),
         (A, A5): ("Sales", "user", "Eve", False, 86400, "24 hours", d(2, 9), d(2, 10), d(2, 10)),
-        (B, B1): ("Support", "user", "Carol K", False, 0, "off", None, d(0, 10), d(3, 10)),
+        (B, B1): (
+            "Support",
+            "user",
+            "Carol K",
+            False,
+            604800,
+            "7 days",
+            d(0, 9, 40),
+            d(0, 10),
+            d(3, 10),
+        ),
         (B, B2): (
             "Support",
             "group",
@@ -833,29 +881,42 @@ def check_ephemeral_on_at(run: Run, bi: BiData) -> None:
         ]
 
     # ordered by instance, then chat id ("1203…@g.us" sorts before "7900…@c.us")
+    b1 = (B, B1, "Carol K", 604800, "7 days", d(0, 9, 40))
     assert on_at(d(1, 12)) == [
         (A, A4, "Family", 604800, "7 days", d(-40, 12)),
         (A, A1, "Alice Smith", 86400, "24 hours", d(0, 9)),
         (A, A2, "Bob", 604800, "7 days", d(1, 9, 50)),
+        b1,
         (B, B2, "Dev", 7776000, "90 days", d(0, 9, 30)),
     ]
     # a period starts at valid_from inclusive and ends at valid_to exclusive: at exactly
-    # 10:00 on day 2 a1 is off (on SQLite that needs the fractional form, as documented)
+    # 10:00 on day 2 a1 is off and b1 has left the list (on SQLite that needs the
+    # fractional form, as documented)
     assert on_at(d(2, 10), exact=True) == [
         (A, A4, "Family", 604800, "7 days", d(-40, 12)),
         (A, A2, "Bob", 604800, "7 days", d(1, 9, 50)),
         (A, A5, "Eve", 86400, "24 hours", d(2, 9)),
         (B, B2, "Dev", 7776000, "90 days", d(0, 9, 30)),
     ]
-    # the documented short SQLite form means "just before that second": a1 still on
+    # the documented short SQLite form means "just before that second": a1 still on, b1
+    # still there, a5 (first seen at 10:00) not yet
     just_before = on_at(d(2, 10))
     if bi.dialect == "sqlite":
         assert (A, A1, "Alice Smith", 86400, "24 hours", d(0, 9)) in just_before
-        assert [r[1] for r in just_before] == [A4, A1, A2, A5, B2]
+        assert [r[1] for r in just_before] == [A4, A1, A2, B1, B2]
     else:
         assert just_before == on_at(d(2, 10), exact=True)
+    # b1 kept its timer while it was gone, yet is absent from every answer between its
+    # removal (day 2, 10:00) and its return (day 3, 10:00), and present again after
+    for hours in (2, 12, 23):
+        assert b1 not in on_at(d(2, 10) + timedelta(hours=hours))
+    assert b1 not in on_at(d(3, 9, 59))
+    assert b1 in on_at(d(3, 10), exact=True) and b1 in on_at(d(5))
+    # before its first sighting no chat is counted, even one whose setting is older (its
+    # timeline still starts then)
     assert on_at(d(-41)) == []
-    assert [r[1] for r in on_at(d(-30))] == [A4]  # the backdated first row
+    assert on_at(d(-30)) == []
+    assert [r[1] for r in on_at(d(0, 10), exact=True)] == [A4, A1, B1, B2]
 
 
 @check("current_settings_per_instance")
@@ -868,7 +929,7 @@ def check_current_settings_per_instance(run: Run, bi: BiData) -> None:
         (A, "Sales", "24 hours", 1),
         (A, "Sales", "7 days", 1),
         (A, "Sales", "90 days", 1),
-        (B, "Support", "off", 1),
+        (B, "Support", "7 days", 1),
         (B, "Support", "90 days", 1),
         (C, "Ops", "off", 2),
     ]
@@ -888,26 +949,37 @@ def check_ephemeral_adoption_daily(run: Run, bi: BiData) -> None:
         day = today - timedelta(days=back)
         end = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1)
         per: Counter[int] = Counter()
-        for periods in bi.history.values():
+        for key, periods in bi.history.items():
             for expiration, valid_from, valid_to, _, _ in periods:
-                if valid_from < end and (valid_to is None or valid_to >= end):
+                # in the list at the end of the day too (a chat back at midnight counts)
+                if (
+                    valid_from < end
+                    and (valid_to is None or valid_to >= end)
+                    and bi.present(key, end - timedelta(microseconds=1))
+                ):
                     per[expiration] += 1
         want += [(day.isoformat(), e, LABELS[e], n) for e, n in sorted(per.items())]
     assert got == want
-    # spot checks of the oracle itself: before the first sync only the backdated chat,
-    # on day 1 (a2 turned on, a1 still on) and from day 3 on (a2 at 90 days)
+    # spot checks of the oracle itself: before the first sync no chat (not even the
+    # backdated one), on day 1 (a2 turned on, a1 still on), on day 2 b1 gone, and from
+    # day 3 on (a2 at 90 days, b1 back)
     by_day = {}
     for day, _, label, n in got:
         by_day.setdefault(day, {})[label] = n
-    first = (today - timedelta(days=29)).isoformat()
-    assert by_day[first] == {"7 days": 1}
+    assert min(by_day) == bi.d(0).date().isoformat()
     assert by_day[bi.d(1).date().isoformat()] == {
+        "off": 3,
+        "24 hours": 1,
+        "7 days": 3,
+        "90 days": 1,
+    }
+    assert by_day[bi.d(2).date().isoformat()] == {
         "off": 4,
         "24 hours": 1,
         "7 days": 2,
         "90 days": 1,
     }
-    assert by_day[today.isoformat()] == {"off": 5, "24 hours": 1, "7 days": 1, "90 days": 2}
+    assert by_day[today.isoformat()] == {"off": 4, "24 hours": 1, "7 days": 2, "90 days": 2}
 
 
 @check("ephemeral_changes_per_day")
@@ -964,6 +1036,104 @@ def check_chats_by_type_per_instance(run: Run, bi: BiData) -> None:
         for r in run()
     ]
     assert got == [(A, "Sales", 3, 2, 0, 5), (B, "Support", 1, 1, 0, 2), (C, "Ops", 1, 0, 1, 2)]
+
+
+@check("chats_present_at")
+def check_chats_present_at(run: Run, bi: BiData) -> None:
+    d = bi.d
+
+    def at(when: datetime, **kw: Any) -> list[tuple[Any, ...]]:
+        return [
+            (r["instance_id"], r["chat_type"], r["chats"]) for r in run(at=bi.param(when, **kw))
+        ]
+
+    # day 2, noon: b1 removed at 10:00, a5 first seen then
+    assert at(d(2, 12)) == [
+        (A, "group", 2),
+        (A, "user", 3),
+        (B, "group", 1),
+        (C, "channel", 1),
+        (C, "user", 1),
+    ]
+    assert (B, "user", 1) in at(d(1, 12)) and (B, "user", 1) in at(d(3, 12))
+    # back at 10:00 exactly: the short SQLite form is just before it
+    assert ((B, "user", 1) in at(d(3, 10))) == (bi.dialect == "postgresql")
+    assert (B, "user", 1) in at(d(3, 10), exact=True)
+    assert at(d(0, 9)) == []  # before the first sync
+    # the oracle: every chat present at the instant, per instance
+    for when in (d(0, 12), d(2, 11), d(4, 12)):
+        got: Counter[int] = Counter()
+        for i, _, n in at(when):
+            got[i] += n
+        assert got == Counter(key[0] for key in bi.presence if bi.present(key, when))
+
+
+@check("chats_present_daily")
+def check_chats_present_daily(run: Run, bi: BiData) -> None:
+    for _attempt in range(3):  # retried only if the UTC date changes while it runs
+        today = datetime.now(UTC).date()
+        got = [(as_day(r["day"]), r["instance_id"], r["chats"]) for r in run()]
+        if today == datetime.now(UTC).date():
+            break
+    want = []
+    for back in range(29, -1, -1):
+        day = today - timedelta(days=back)
+        end = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1)
+        per = Counter(k[0] for k in bi.presence if bi.present(k, end - timedelta(microseconds=1)))
+        want += [(day.isoformat(), i, n) for i, n in sorted(per.items())]
+    assert got == want
+    # b1 is gone at the end of day 2 only
+    by_day = {(day, i): n for day, i, n in got}
+    assert [by_day[(bi.d(k).date().isoformat(), B)] for k in range(5)] == [2, 2, 1, 2, 2]
+
+
+@check("presence_timeline")
+def check_presence_timeline(run: Run, bi: BiData) -> None:
+    d = bi.d
+    got = [
+        (as_utc(r["valid_from"]), as_utc(r["valid_to"]), r["sync_run_id"], r["is_current"])
+        for r in run(instance_id=B, chat_id=B1)
+    ]
+    assert got == [
+        (d(0, 10), d(2, 10), bi.run_ids[(B, "k0")], 0),
+        (d(3, 10), None, bi.run_ids[(B, "k3")], 1),
+    ]
+    assert [r["is_current"] for r in run(instance_id=A, chat_id=A5)] == [1]
+    assert run(instance_id=A, chat_id=B1) == []
+
+
+def _check_incremental(table: str) -> Callable[[Run, BiData], None]:
+    """The incremental query of ``table``: from 0 every row once, in cursor order, all
+    below the watermark; from the largest cursor, nothing (on PostgreSQL a transaction left
+    open elsewhere on the server holds the watermark back, so wait for it)."""
+
+    def check_incremental(run: Run, bi: BiData) -> None:
+        top = int(scalar(bi.engine, f"SELECT MAX(change_seq) FROM {table}"))
+        deadline = time.monotonic() + 60
+        while int(scalar(bi.engine, "SELECT watermark FROM load_watermark")) <= top:
+            assert time.monotonic() < deadline, "the watermark never passed the data"
+            time.sleep(0.5)
+        got = run(last=0)
+        seqs = [r["change_seq"] for r in got]
+        assert seqs == sorted(seqs) and all(q > 1 for q in seqs), "numbered by the sync"
+        assert len(got) == scalar(bi.engine, f"SELECT COUNT(*) FROM {table}") > 0
+        assert run(last=top) == []
+        # a cursor in the middle gives exactly the rows above it
+        middle = seqs[len(seqs) // 2]
+        assert [r["change_seq"] for r in run(last=middle)] == [q for q in seqs if q > middle]
+
+    return check_incremental
+
+
+for _table in (
+    "chats",
+    "chat_ephemeral_history",
+    "chat_presence",
+    "chat_events",
+    "sync_runs",
+    "instances",
+):
+    check(f"incremental_{_table}")(_check_incremental(_table))
 
 
 @check("changes_per_day")
@@ -1126,7 +1296,13 @@ def _documented_columns() -> dict[str, dict[str, DocColumn]]:
 
 PG_TYPES = {"timestamptz": "timestamp with time zone"}
 TABLES = set(Base.metadata.tables)  # every model table must be documented
-VIEWS = {"chats_current", "ephemeral_changes", "instance_sync_health"}
+VIEWS = {
+    "chats_current",
+    "ephemeral_changes",
+    "instance_sync_health",
+    "present_ephemeral_history",
+    "load_watermark",
+}
 
 
 def test_schema_md_documents_every_table_view_and_column(bi):

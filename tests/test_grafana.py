@@ -159,13 +159,16 @@ class GrafanaData:
     time_from: datetime
     time_to: datetime
     failing: int  # an instance whose latest syncs failed
+    first_sync: datetime  # the clock of the first sync (no chat is in any list before it)
 
 
 def build_simulator_data(engine: Engine) -> GrafanaData:
     """Five days of a 3-instance simulator, synced every 6 hours, with a few faults."""
     now = datetime.now(UTC).replace(microsecond=0)
     start = now - timedelta(days=5)
-    rates = ChangeRates(new=0.05, rename=0.05, archive=0.05, ephemeral=0.1, removal=0.02)
+    rates = ChangeRates(
+        new=0.05, rename=0.05, archive=0.05, ephemeral=0.1, removal=0.02, returns=0.3
+    )
     clock_now = [start]
     with Simulator(
         instances=3, chats=40, seed=5, rates=rates, start_time=int(start.timestamp())
@@ -186,7 +189,7 @@ def build_simulator_data(engine: Engine) -> GrafanaData:
                 sim.step()
         finally:
             client.close()
-    return GrafanaData(engine, start - timedelta(days=1), now, third)
+    return GrafanaData(engine, start - timedelta(days=1), now, third, start)
 
 
 @pytest.fixture(scope="module")
@@ -245,15 +248,34 @@ def check_adoption(rows: list[dict[str, Any]], data: GrafanaData) -> None:
     _series(rows, data, SETTINGS)
     days = sorted({r["time"].astimezone(UTC) for r in rows})
     assert all((d.hour, d.minute) == (0, 0) for d in days), "points at UTC midnights"
-    # one point per UTC day of the range, today included
+    # one point per UTC day from the first sync's on, today included (before it, no chat
+    # was in any list, even those whose setting is older)
     assert [d.date() for d in days] == [
-        data.time_from.date() + timedelta(days=n)
-        for n in range((data.time_to.date() - data.time_from.date()).days + 1)
+        data.first_sync.date() + timedelta(days=n)
+        for n in range((data.time_to.date() - data.first_sync.date()).days + 1)
     ]
-    # today's point counts every chat once (every chat has exactly one open history row)
+    # today's point counts every chat in the list now once, and no removed one
     today = [r for r in rows if r["time"] == days[-1]]
-    assert sum(r["value"] for r in today) == scalar(data.engine, "SELECT COUNT(*) FROM chats")
+    present = scalar(data.engine, "SELECT COUNT(*) FROM chats_current")
+    assert sum(r["value"] for r in today) == present
+    assert present < scalar(data.engine, "SELECT COUNT(*) FROM chats"), "no chat was removed"
     assert {r["metric"] for r in today} >= {"off", "7 days"}
+    # every day's point counts the chats in the list at its end, from the presence periods
+    for day in days:
+        end = day + timedelta(days=1)
+        in_list = scalar(
+            data.engine,
+            "SELECT COUNT(*) FROM chat_presence WHERE valid_from < :e "
+            "AND (valid_to IS NULL OR valid_to >= :e)",
+            e=end,
+        )
+        assert sum(r["value"] for r in rows if r["time"] == day) == in_list, day
+    returned = scalar(
+        data.engine,
+        "SELECT COUNT(*) FROM (SELECT chat_id FROM chat_presence "
+        "GROUP BY instance_id, chat_id HAVING COUNT(*) > 1) x",
+    )
+    assert returned > 0, "no chat came back: the data set does not test absences"
 
 
 def check_changes(rows: list[dict[str, Any]], data: GrafanaData) -> None:

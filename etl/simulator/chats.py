@@ -139,10 +139,18 @@ class ChangeRates:
     archive: float = 0.01
     ephemeral: float = 0.01
     removal: float = 0.005
+    #: of the chats removed so far, the expected fraction that come back (as they were when
+    #: they left), at the front; 0 draws nothing, so the other rates' lists stay the same
+    returns: float = 0.0
 
 
 def evolve(
-    chats: list[Any], ids: set[str], rng: random.Random, rates: ChangeRates, now: int
+    chats: list[Any],
+    ids: set[str],
+    rng: random.Random,
+    rates: ChangeRates,
+    now: int,
+    gone: list[Any] | None = None,
 ) -> None:
     """Apply one step of change to ``chats`` in place, at simulated time ``now``.
 
@@ -150,15 +158,18 @@ def evolve(
     from its rate and the length of the list when the step began. ``ids`` holds the ids in
     ``chats`` and is kept in step with it. Entries that are not dicts (a list set by
     :meth:`Simulator.set_chats` may hold anything) still take their draws but are left as
-    they are.
+    they are. ``gone`` collects the removed chats, from which ``rates.returns`` brings some
+    back, last.
     """
     n = len(chats)
-    _remove(chats, ids, rng, randround(rng, rates.removal * n))
+    _remove(chats, ids, rng, randround(rng, rates.removal * n), gone)
     _rename(chats, rng, randround(rng, rates.rename * n))
     _toggle_archive(chats, rng, randround(rng, rates.archive * n))
     _change_ephemeral(chats, rng, randround(rng, rates.ephemeral * n), now)
     _add_activity(chats, rng, randround(rng, _ACTIVITY_RATE * n))
     _add_new(chats, ids, rng, randround(rng, rates.new * n), now)
+    if gone is not None:
+        _return(chats, ids, rng, gone, randround(rng, rates.returns * len(gone)))
 
 
 def _to_front(chats: list[Any], index: int) -> None:
@@ -166,14 +177,18 @@ def _to_front(chats: list[Any], index: int) -> None:
     chats.insert(0, chats.pop(index))
 
 
-def _remove(chats: list[Any], ids: set[str], rng: random.Random, times: int) -> None:
-    """Chats that disappear from the list."""
+def _remove(
+    chats: list[Any], ids: set[str], rng: random.Random, times: int, kept: list[Any] | None
+) -> None:
+    """Chats that disappear from the list (into ``kept``, when given)."""
     for _ in range(times):
         if chats:
             gone = chats.pop(rng.randrange(len(chats)))
             gone_id = gone.get("id") if isinstance(gone, dict) else None
             if isinstance(gone_id, str):
                 ids.discard(gone_id)
+                if kept is not None:
+                    kept.append(gone)
 
 
 def _rename(chats: list[Any], rng: random.Random, times: int) -> None:
@@ -229,3 +244,17 @@ def _add_activity(chats: list[Any], rng: random.Random, times: int) -> None:
 def _add_new(chats: list[Any], ids: set[str], rng: random.Random, count: int, now: int) -> None:
     """New chats, at the front; their disappearing-message settings predate ``now``."""
     chats[:0] = make_chats(rng, now, ids, count)
+
+
+def _return(
+    chats: list[Any], ids: set[str], rng: random.Random, gone: list[Any], times: int
+) -> None:
+    """Removed chats that come back (a new message in a deleted chat, a re-added contact)."""
+    for _ in range(times):
+        if not gone:
+            break
+        chat = gone.pop(rng.randrange(len(gone)))
+        chat_id = chat.get("id") if isinstance(chat, dict) else None
+        if isinstance(chat_id, str) and chat_id not in ids:
+            ids.add(chat_id)
+            chats.insert(0, chat)

@@ -49,6 +49,7 @@ class Instance:
         "body",
         "ids",
         "flat",
+        "gone",
     )
 
     def __init__(self, id_instance: int, token: str, scenario: Scenario) -> None:
@@ -61,6 +62,7 @@ class Instance:
         self.body: bytes | None = None  # the serialised full list, until it changes
         self.ids: set[str] | None = None  # ids in chats (None: recompute before evolving)
         self.flat = True  # chats are flat dicts of scalars (false after set_chats)
+        self.gone: list[Any] = []  # removed chats, some of which may come back
 
     def materialize(self, steps: int) -> list[Any]:
         """The list as of step ``steps``: generated if need be, then caught up with it."""
@@ -83,7 +85,7 @@ class Instance:
             self.ids = {
                 c["id"] for c in chats if isinstance(c, dict) and isinstance(c.get("id"), str)
             }
-        evolve(chats, self.ids, self.rng, self.scenario.rates, now)
+        evolve(chats, self.ids, self.rng, self.scenario.rates, now, self.gone)
 
     def payload(self, steps: int, count: int | None) -> tuple[bytes, int]:
         """The serialised list (the first ``count`` chats if given) and how many it holds.
@@ -109,6 +111,7 @@ class Instance:
         """Replace the list with a deep copy of ``chats`` (served as given, even malformed)."""
         self.materialize(steps)  # keep the rng sequence independent of when this is called
         self.chats = copy.deepcopy(list(chats))
+        self.gone = []
         self.flat = False
         self.ids = None
         self.body = None
