@@ -22,7 +22,16 @@ from etl.config import Instance
 from etl.errors import ErrorKind
 from etl.payload import ChatRecord, decode_chats
 from etl.sync.guards import CLEAR, GuardState, judge, parse_vanished_sample
-from etl.sync.plan import Event, FirstLoad, HistoryClose, TickPlan, plan_tick, vanished_chats
+from etl.sync.plan import (
+    Event,
+    FirstLoad,
+    HistoryClose,
+    PresenceClose,
+    PresenceOpen,
+    TickPlan,
+    plan_tick,
+    vanished_chats,
+)
 from etl.sync.rules import MAX_CLOCK_SKEW, choose_valid_from, first_valid_from_sql
 from etl.sync.store import pg_sql
 from tests.conftest import instance_at
@@ -316,6 +325,27 @@ def test_a_normal_tick_clears_a_pending_streak() -> None:
 
 
 # -- PostgreSQL's statements as text ----------------------------------------------------------
+
+
+def test_presence_opens_for_new_and_returning_chats_and_closes_for_removed_ones() -> None:
+    plan = plan_of(
+        [record("new@c.us"), record("back@c.us"), record("stays@c.us", name="Renamed")],
+        [
+            Stored("back@c.us", removed_at=NOW - timedelta(days=1)),
+            Stored("stays@c.us"),
+            Stored("gone@c.us"),
+        ],
+        vanished=frozenset({"gone@c.us"}),
+    )
+    assert plan.presence_opens == [PresenceOpen("new@c.us", NOW), PresenceOpen("back@c.us", NOW)]
+    assert plan.presence_closes == [PresenceClose("gone@c.us", NOW)]
+    assert [r["chat_id"] for r in plan.presence_rows(4)] == ["new@c.us", "back@c.us"]
+    assert {r["sync_run_id"] for r in plan.presence_rows(4)} == {4}
+    # a list that removes nothing (count-limited, say) closes nothing
+    assert plan_of([record("stays@c.us")], [Stored("stays@c.us")]).presence_closes == []
+    # a first load: every chat enters the list
+    load = FirstLoad(IID, NOW, [record("1@c.us"), record("2@c.us")]).expand()
+    assert [p.chat_id for p in load.presence_opens] == ["1@c.us", "2@c.us"]
 
 
 def placeholders(sql: str) -> int:
