@@ -169,7 +169,9 @@ def test_unknown_instance_403(sim: Simulator, http: requests.Session) -> None:
     ("method", "suffix"),
     [
         ("GET", "/"),
-        ("GET", "/waInstance{iid}/getStateInstance/{token}"),
+        ("GET", "/waInstance{iid}/getSettings/{token}"),
+        ("GET", "/waInstance{iid}/checkWhatsapp/{token}"),
+        ("POST", "/waInstance{iid}/getStateInstance/{token}"),
         ("GET", "/waInstance{iid}/getChats"),
         ("GET", "/waInstance{iid}/getChats/{token}/extra"),
         ("POST", "/waInstance{iid}/getChats/{token}"),
@@ -261,8 +263,11 @@ def test_fault_466_default_body(sim: Simulator, http: requests.Session) -> None:
     r = http.get(chats_url(sim, iid), timeout=TIMEOUT)
     assert r.status_code == 466
     data = r.json()
-    assert data["invokeStatus"]["status"] == "QUOTE_ALLOWED_EXCEEDED"
+    # the shape of Green-API's "466 error example body" page
+    assert set(data["invokeStatus"]) == {"method", "used", "total", "status", "description"}
+    assert data["invokeStatus"]["status"] == "QUOTE_EXCEEDED"
     assert data["correspondentsStatus"]["status"] == "CORRESPONDENTS_QUOTE_EXCEEDED"
+    assert "@c.us" in data["correspondentsStatus"]["description"]  # it lists chat ids
 
 
 def test_fault_before_token_check(sim: Simulator, http: requests.Session) -> None:

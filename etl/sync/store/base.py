@@ -16,9 +16,10 @@ from typing import Any, ClassVar, cast
 from sqlalchemy import Connection, Table, and_, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from etl.models import chats_t, history_t, runs_t, state_t
+from etl.models import aliases_t, chats_t, history_t, runs_t, state_t
 from etl.sync.guards import GuardState
-from etl.sync.plan import FirstLoad, StoredChat, TickPlan
+from etl.sync.identity import Identity
+from etl.sync.plan import FirstLoad, IdChange, StoredChat, TickPlan
 from etl.sync.snapshot import Snapshot
 
 #: called with (table name, rows) for the rows a combined statement (``WITH ... INSERT``)
@@ -131,6 +132,19 @@ class Store:
             )
         )
         self.insert_run = insert(runs_t).returning(runs_t.c.id)
+        alias = self.insert(aliases_t)
+        self.upsert_aliases = alias.on_conflict_do_update(
+            index_elements=[aliases_t.c.instance_id, aliases_t.c.alias_id],
+            set_={c: alias.excluded[c] for c in ("chat_id", "source", "linked_at")},
+        )
+        self.set_current_id = (
+            update(chats_t)
+            .where(
+                chats_t.c.instance_id == bindparam("b_iid"),
+                chats_t.c.chat_id == bindparam("b_chat_id"),
+            )
+            .values(current_chat_id=bindparam("b_current"), updated_at=bindparam("b_now"))
+        )
 
     # -- the instance's lock and state --------------------------------------------------
 
@@ -191,6 +205,18 @@ class Store:
     def _read(self, conn: Connection, params: dict[str, Any]) -> Sequence[Any]:
         return conn.execute(self.load_rows_stmt, params).all()
 
+    def load_identity(self, conn: Connection, iid: int) -> Identity:
+        """The instance's aliases, and the ids in use that are not the chats' own."""
+        aliases = conn.execute(
+            select(aliases_t.c.alias_id, aliases_t.c.chat_id).where(aliases_t.c.instance_id == iid)
+        )
+        current = conn.execute(
+            select(chats_t.c.chat_id, chats_t.c.current_chat_id).where(
+                chats_t.c.instance_id == iid, chats_t.c.current_chat_id.is_not(None)
+            )
+        )
+        return Identity(aliases={a: c for a, c in aliases}, current={c: cur for c, cur in current})
+
     def recent_runs(self, conn: Connection, iid: int, limit: int = 64) -> Sequence[Any]:
         """The instance's latest runs, newest first: ``status, error_kind, started_at``."""
         return conn.execute(
@@ -215,6 +241,54 @@ class Store:
     ) -> int:
         """A first load; by default the same writes as any tick."""
         return self.write_tick(conn, locked, load.expand(), run)
+
+    def write_identity(
+        self,
+        conn: Connection,
+        iid: int,
+        changes: Sequence[IdChange],
+        aliases: dict[str, tuple[str, str]],
+        now: datetime,
+    ) -> None:
+        """After a tick's chats are written: the ids now in use (``current_chat_id``) and
+        the aliases learnt (alias -> (chat, source)). An id in use that is not the chat's
+        own is an alias too."""
+        rows = {a: {"chat_id": c, "source": src} for a, (c, src) in aliases.items()}
+        for change in changes:
+            if change.new_id != change.chat_id and change.new_id not in rows:
+                rows[change.new_id] = {"chat_id": change.chat_id, "source": "checkWhatsapp"}
+        if rows:
+            conn.execute(
+                self.upsert_aliases,
+                [
+                    {"instance_id": iid, "alias_id": a, "linked_at": now, **v}
+                    for a, v in rows.items()
+                ],
+            )
+        if changes:
+            conn.execute(
+                self.set_current_id,
+                [
+                    {
+                        "b_iid": iid,
+                        "b_chat_id": c.chat_id,
+                        "b_current": None if c.new_id == c.chat_id else c.new_id,
+                        "b_now": now,
+                    }
+                    for c in changes
+                ],
+            )
+
+    def take_switch_acceptance(self, conn: Connection, iid: int) -> bool:
+        """Whether the operator accepted an unlinked id switch (``etl ids accept``); the
+        acceptance is used up by the tick that asks."""
+        accepted = conn.execute(
+            update(state_t)
+            .where(state_t.c.instance_id == iid, state_t.c.id_switch_accepted_at.is_not(None))
+            .values(id_switch_accepted_at=None)
+            .returning(state_t.c.instance_id)
+        ).first()
+        return accepted is not None
 
     def write_failure(self, conn: Connection, row: dict[str, Any]) -> int:
         """The run row of a failed tick, in a transaction of its own; returns its id."""
