@@ -74,7 +74,7 @@ class Defaults(_Strict):
 
     api_url: str = "https://api.green-api.com"
     interval_seconds: Annotated[int, Field(ge=1, le=86_400)] = 60
-    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 15.0
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 40.0
     connect_timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 5.0
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 4
     mass_removal_threshold: Annotated[float, Field(gt=0, le=1)] = 0.5

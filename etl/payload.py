@@ -82,8 +82,8 @@ class DecodedChats:
         return out
 
 
-class _Bad(Exception):
-    pass
+class _Bad(ValueError):
+    """An element (or an id) that cannot be used; the message says why."""
 
 
 def _clean_text(value: str) -> str:

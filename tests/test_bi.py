@@ -1167,6 +1167,7 @@ def test_schema_md_documents_every_table_view_and_column(bi):
         "ephemeral_changed",
         "removed",
         "reappeared",
+        "id_changed",
     ):
         assert f"| `{kind}` |" in text_, kind
     for label in LABELS.values():

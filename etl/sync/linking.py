@@ -24,7 +24,7 @@ from typing import Protocol, cast
 
 from etl.client import CheckResult
 from etl.config import Instance
-from etl.errors import ApiError, PayloadError
+from etl.errors import ApiError, ErrorKind, PayloadError
 from etl.sync.identity import LID, Answer
 
 log = logging.getLogger("etl.sync")
@@ -69,6 +69,8 @@ class Linker:
         self.sleep = sleep
         self._answers: dict[int, dict[str, Answer]] = {}
         self._strikes: dict[int, int] = {}
+        #: per instance, when its next request may go (the rate holds across ticks)
+        self._next_at: dict[int, float] = {}
 
     def known(self, instance_id: int) -> dict[str, Answer]:
         return self._answers.setdefault(instance_id, {})
@@ -107,27 +109,39 @@ class Linker:
         gap: float,
         deadline: float,
     ) -> tuple[int, str | None]:
-        """(how many were answered, why asking cannot go on)."""
-        client = self.client
-        assert client is not None
+        """(how many were answered, why asking cannot go on). A 429 pauses the asking
+        for a second (the rate limiter's window) and the id is asked again, once."""
         asked = 0
-        next_at = self.monotonic()
-        for phone_id in todo:
-            wait = next_at - self.monotonic()
+        iid = instance.id_instance
+        retried = False
+        queue = list(reversed(todo))
+        while queue:
+            wait = self._next_at.get(iid, 0.0) - self.monotonic()
             if deadline - self.monotonic() - max(wait, 0.0) < MIN_LEFT:
                 break
             if wait > 0:
                 self.sleep(wait)
-            next_at = self.monotonic() + gap
+            self._next_at[iid] = self.monotonic() + gap
+            phone_id = queue.pop()
             try:
-                result = client.check_whatsapp(instance, phone_id, deadline=deadline)
+                answers[phone_id] = self._check(instance, phone_id, deadline)
             except ApiError as exc:
+                if exc.error_kind == ErrorKind.RATE_LIMITED and not retried:
+                    retried = True
+                    queue.append(phone_id)
+                    self._next_at[iid] = self.monotonic() + max(1.0, exc.retry_after or 0.0)
+                    continue
                 if exc.retryable:
                     break  # the next tick goes on
                 return asked, exc.message
             except PayloadError as exc:
                 return asked, exc.message
-            lid = result.chat_id if result.chat_id and result.chat_id.endswith(LID) else None
-            answers[phone_id] = Answer(result.exists, lid)
             asked += 1
         return asked, None
+
+    def _check(self, instance: Instance, phone_id: str, deadline: float) -> Answer:
+        client = self.client
+        assert client is not None
+        result = client.check_whatsapp(instance, phone_id, deadline=deadline)
+        lid = result.chat_id if result.chat_id and result.chat_id.endswith(LID) else None
+        return Answer(result.exists, lid)

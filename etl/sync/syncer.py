@@ -440,6 +440,8 @@ class Syncer:
         )
         if reason is not None:
             if not self.store.take_switch_acceptance(conn, instance.id_instance):
+                # the links found so far are kept, so that the next ticks need not ask
+                out.aliases.update((new, (c, "checkWhatsapp")) for c, _, new in switch.links)
                 out.hold = reason
                 return out
             out.accepted = True
@@ -451,6 +453,7 @@ class Syncer:
             )
         out.decoded, linked = switch.apply(decoded)
         out.changes = [*changes, *linked]
+        out.aliases.update((new, (c, "checkWhatsapp")) for c, _, new in switch.links)
         out.late = {a: (c, "checkWhatsapp") for a, c in switch.late_aliases.items()}
         return out
 

@@ -250,19 +250,21 @@ class Store:
         aliases: dict[str, tuple[str, str]],
         now: datetime,
     ) -> None:
-        """After a tick's chats are written: the ids now in use (``current_chat_id``) and
-        the aliases learnt (alias -> (chat, source)). An id in use that is not the chat's
-        own is an alias too."""
-        rows = {a: {"chat_id": c, "source": src} for a, (c, src) in aliases.items()}
-        for change in changes:
-            if change.new_id != change.chat_id and change.new_id not in rows:
-                rows[change.new_id] = {"chat_id": change.chat_id, "source": "checkWhatsapp"}
-        if rows:
+        """After a tick's chats are written: the aliases learnt (alias -> (chat, source))
+        and the ids now in use (``current_chat_id``; each one is the chat's own id or an
+        alias, stored before or among ``aliases``)."""
+        if aliases:
             conn.execute(
                 self.upsert_aliases,
                 [
-                    {"instance_id": iid, "alias_id": a, "linked_at": now, **v}
-                    for a, v in rows.items()
+                    {
+                        "instance_id": iid,
+                        "alias_id": a,
+                        "chat_id": c,
+                        "source": src,
+                        "linked_at": now,
+                    }
+                    for a, (c, src) in aliases.items()
                 ],
             )
         if changes:
