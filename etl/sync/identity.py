@@ -185,30 +185,45 @@ def find_switch(
     removals beside new chats, as they look.
     """
     out = Switch()
-    # new chats first: a steady list has none (and its elements skipped as unchanged are
-    # all stored chats), so most ticks stop here without a pass over the whole list
-    new = [c for c in decoded.chats if c.chat_id not in in_table]
-    if not new or not any(_form(c.chat_id) for c in new):
+    sides = _sides(decoded, present, in_table, identity)
+    if sides is None:
         return out
-    seen = decoded.ids | {r.chat_id for r in decoded.rejected if r.chat_id}
-    gone = [p for p in present if p not in seen]
-    if not gone:
-        return out
-    by_form: dict[str | None, list[str]] = {PHONE: [], LID: []}
-    for p in gone:
-        by_form.setdefault(_form(identity.in_use(p)), []).append(p)
-    new_of = {f: [c for c in new if c.chat_id.endswith(f)] for f in (PHONE, LID)}
-    active = [f for f, other in ((PHONE, LID), (LID, PHONE)) if by_form[f] and new_of[other]]
-    out.vanished, out.appeared = len(gone), len(new)
-    _measure(out, present, identity, changes, {f: len(by_form[f]) for f in active})
+    gone, new = sides
+    active = [f for f, other in ((PHONE, LID), (LID, PHONE)) if gone[f] and new[other]]
+    out.vanished = sum(len(g) for g in gone.values())
+    out.appeared = sum(len(n) for n in new.values())
+    _measure(out, present, identity, changes, {f: len(gone[f]) for f in active})
     switch = out.switch_like(threshold)
     if PHONE in active:
-        olds = _plausible(by_form[PHONE], new_of[LID], in_table, switch)
-        _phones_to_lids(out, olds, {c.chat_id for c in new_of[LID]}, identity, answers)
+        olds = _plausible(gone[PHONE], new[LID], in_table, switch)
+        _phones_to_lids(out, olds, {c.chat_id for c in new[LID]}, identity, answers)
     if LID in active:
-        news = _plausible_new(new_of[PHONE], by_form[LID], in_table, switch)
-        _lids_to_phones(out, by_form[LID], news, identity, answers)
+        news = _plausible_new(new[PHONE], gone[LID], in_table, switch)
+        _lids_to_phones(out, gone[LID], news, identity, answers)
     return out
+
+
+def _sides(
+    decoded: DecodedChats, present: Set[str], in_table: Container, identity: Identity
+) -> tuple[dict[str | None, list[str]], dict[str | None, list[ChatRecord]]] | None:
+    """The stored chats missing from the list and the new chats, by the form of the id
+    in use (``@c.us``, ``@lid``, other); None when either side is empty."""
+    # new chats first: a steady list has none (and its elements skipped as unchanged are
+    # all stored chats), so most ticks stop here without a pass over the whole list
+    new: dict[str | None, list[ChatRecord]] = {PHONE: [], LID: [], None: []}
+    for c in decoded.chats:
+        if c.chat_id not in in_table:
+            new[_form(c.chat_id)].append(c)
+    if not new[PHONE] and not new[LID]:
+        return None
+    seen = decoded.ids | {r.chat_id for r in decoded.rejected if r.chat_id}
+    gone: dict[str | None, list[str]] = {PHONE: [], LID: [], None: []}
+    for p in present:
+        if p not in seen:
+            gone[_form(identity.in_use(p))].append(p)
+    if not any(gone.values()):
+        return None
+    return gone, new
 
 
 def _print(in_table: Container, chat_id: str) -> int | None:
