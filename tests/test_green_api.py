@@ -14,6 +14,7 @@ tests/test_payload.py; docs/green-api.md says what chatsync does with each behav
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,16 +23,18 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import Engine, bindparam, text
+from sqlalchemy import Engine, bindparam, inspect, text
 
 from etl.cli import cli
 from etl.client import GreenApiClient
 from etl.config import Defaults
+from etl.db import downgrade, make_engine, upgrade
 from etl.errors import ERROR_KINDS, ErrorKind
 from etl.models import UTCDateTime
 from etl.simulator import ChangeRates, Fault, Simulator
 from etl.status import instance_status
 from etl.sync import Syncer, register_instances
+from etl.web import render_page
 from tests.conftest import make_instance
 from tests.factories import chat, check_history_invariants, rows, scalar
 from tests.test_sync import Clock
@@ -180,6 +183,37 @@ def test_a_switch_to_lid_mode_keeps_every_chat_its_history_and_events(
         assert [r.chat_id for r in events(engine, iid, "renamed")] == [persons[1]]
     finally:
         client.close()
+
+
+def test_a_database_of_the_release_before_follows_a_switch_after_its_upgrade(
+    lid_sim: Simulator, db_url: str
+) -> None:
+    """Revision 0007 on a database with data: chats stored before it keep their ids as their
+    identity (no ``current_chat_id``), and a switch after the upgrade links them; the
+    downgrade keeps the chats and drops what 0007 added."""
+    sim = lid_sim
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine)
+        inst, syncer, clock, client = setup(sim, engine)
+        syncer.sync(inst)
+        before = present(engine, inst.id_instance)
+        downgrade(engine, "0006")
+        assert present(engine, inst.id_instance) == before
+        assert "chat_aliases" not in inspect(engine).get_table_names()
+        upgrade(engine)
+        assert scalar(engine, "SELECT COUNT(*) FROM chats WHERE current_chat_id IS NULL") == len(
+            before
+        )
+        assert {r.platform for r in rows(engine, "SELECT platform FROM instances")} == {"whatsapp"}
+        sim.set_lid_mode(inst.id_instance)
+        clock.advance(60)
+        out = Syncer(engine, client, clock=clock).sync(inst)
+        assert (out.status, out.chats_removed, out.chats_inserted) == ("ok", 0, 0)
+        assert out.ids_changed > 0 and present(engine, inst.id_instance) == before
+        client.close()
+    finally:
+        engine.dispose()
 
 
 def test_a_switch_back_to_phone_ids_needs_no_lookup(lid_sim: Simulator, engine: Engine) -> None:
@@ -479,6 +513,9 @@ def test_the_ambiguous_400_is_classified_by_the_real_state(
     shown = cli_run(engine, "status")
     assert f"instance state: {state}" in shown.output
     assert f"what to do: {ERROR_KINDS[ErrorKind(kind)].action}" in shown.output
+    page = render_page(instance_status(engine), [], now=datetime.now(UTC))
+    assert f"instance state: {state}" in page
+    assert f"what to do: {html.escape(ERROR_KINDS[ErrorKind(kind)].action)}" in page
 
 
 def test_a_state_that_cannot_be_had_reads_as_a_restart(lid_sim: Simulator, engine: Engine) -> None:

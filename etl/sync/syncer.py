@@ -229,8 +229,27 @@ class Syncer:
             self.health.note(instance, outcome)
             self._write_failure(outcome)
             return None
-        asked = self._ask_links(instance, decoded, decoded_with, t0)
+        snap = decoded_with or self._read_snapshot(instance)
+        asked = self._ask_links(instance, decoded, snap, t0)
         return _Pending(instance, decoded, fetched.body, decoded_with, outcome, t0, asked)
+
+    def _read_snapshot(self, instance: Instance) -> Snapshot | None:
+        """A WhatsApp instance new to this process: its snapshot, read before the write
+        transaction (not under the lock), so that an id switch in its first list can be
+        looked up in this very tick. Kept with the version it was read at: the write
+        reuses it unless another writer wrote since."""
+        if instance.platform != "whatsapp":
+            return None
+        iid = instance.id_instance
+        try:
+            with self.engine.connect() as conn:
+                version = self.store.state_version(conn, iid)  # first: the rows are newer
+                snap = self.store.load_snapshot(conn, iid)
+                snap.identity = self.store.load_identity(conn, iid)
+        except SQLAlchemyError:
+            return None  # the write finds out, and records it
+        self.snapshots.keep(iid, snap, version)
+        return snap
 
     def _ask_links(
         self, instance: Instance, decoded: DecodedChats, snap: Snapshot | None, t0: float

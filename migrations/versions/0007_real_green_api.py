@@ -57,12 +57,14 @@ CHATS_CURRENT = _CHATS_CURRENT.format(
 
 
 def upgrade() -> None:
+    # in place on SQLite too (ADD COLUMN): rebuilding a table that others reference
+    # (instances, chats, sync_runs) would fail on their foreign keys once it holds rows
     op.execute("DROP VIEW IF EXISTS chats_current")
-    with op.batch_alter_table("instances", schema=None) as batch_op:
+    with op.batch_alter_table("instances", schema=None, recreate="never") as batch_op:
         batch_op.add_column(
             sa.Column("platform", sa.Text(), server_default=sa.text("'whatsapp'"), nullable=False)
         )
-    with op.batch_alter_table("chats", schema=None) as batch_op:
+    with op.batch_alter_table("chats", schema=None, recreate="never") as batch_op:
         batch_op.add_column(sa.Column("current_chat_id", sa.Text(), nullable=True))
         batch_op.create_index(
             "ix_chats_current_chat_id",
@@ -85,14 +87,14 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("instance_id", "alias_id", name=op.f("pk_chat_aliases")),
     )
-    with op.batch_alter_table("chat_aliases", schema=None) as batch_op:
+    with op.batch_alter_table("chat_aliases", schema=None, recreate="never") as batch_op:
         batch_op.create_index("ix_chat_aliases_chat", ["instance_id", "chat_id"], unique=False)
-    with op.batch_alter_table("sync_runs", schema=None) as batch_op:
+    with op.batch_alter_table("sync_runs", schema=None, recreate="never") as batch_op:
         batch_op.add_column(
             sa.Column("ids_changed", sa.Integer(), server_default=sa.text("0"), nullable=False)
         )
         batch_op.add_column(sa.Column("instance_state", sa.Text(), nullable=True))
-    with op.batch_alter_table("instance_sync_state", schema=None) as batch_op:
+    with op.batch_alter_table("instance_sync_state", schema=None, recreate="never") as batch_op:
         batch_op.add_column(
             sa.Column("id_switch_accepted_at", sa.DateTime(timezone=True), nullable=True)
         )
@@ -100,18 +102,21 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # SQLite (>= 3.35) drops these columns in place: rebuilding a table that others
+    # reference (chats, instances, sync_runs) would fail on their foreign keys once it
+    # holds rows
     op.execute("DROP VIEW IF EXISTS chats_current")
-    with op.batch_alter_table("instance_sync_state", schema=None) as batch_op:
+    with op.batch_alter_table("instance_sync_state", schema=None, recreate="never") as batch_op:
         batch_op.drop_column("id_switch_accepted_at")
-    with op.batch_alter_table("sync_runs", schema=None) as batch_op:
+    with op.batch_alter_table("sync_runs", schema=None, recreate="never") as batch_op:
         batch_op.drop_column("instance_state")
         batch_op.drop_column("ids_changed")
     with op.batch_alter_table("chat_aliases", schema=None) as batch_op:
         batch_op.drop_index("ix_chat_aliases_chat")
     op.drop_table("chat_aliases")
-    with op.batch_alter_table("chats", schema=None) as batch_op:
+    with op.batch_alter_table("chats", schema=None, recreate="never") as batch_op:
         batch_op.drop_index("ix_chats_current_chat_id")
         batch_op.drop_column("current_chat_id")
-    with op.batch_alter_table("instances", schema=None) as batch_op:
+    with op.batch_alter_table("instances", schema=None, recreate="never") as batch_op:
         batch_op.drop_column("platform")
     op.execute(CHATS_CURRENT_0002)

@@ -205,6 +205,13 @@ class Store:
     def _read(self, conn: Connection, params: dict[str, Any]) -> Sequence[Any]:
         return conn.execute(self.load_rows_stmt, params).all()
 
+    def state_version(self, conn: Connection, iid: int) -> int:
+        """The instance's state version as stored (0 before its first tick)."""
+        version = conn.execute(
+            select(state_t.c.version).where(state_t.c.instance_id == iid)
+        ).scalar()
+        return int(version or 0)
+
     def load_identity(self, conn: Connection, iid: int) -> Identity:
         """The instance's aliases, and the ids in use that are not the chats' own."""
         aliases = conn.execute(
