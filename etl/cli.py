@@ -444,10 +444,11 @@ def status_cmd(as_json: bool) -> None:
             f"{s.chats:>7} {s.consecutive_failures:>5} {format_ms(s.last_duration_ms):>9}  "
             f"{_plain(redact(error), 60) if error else '-'}"
         )
-        if s.last_instance_state:
-            click.echo(f"{'':>14}instance state: {_plain(s.last_instance_state, 40)}")
-        if s.last_action:
-            click.echo(f"{'':>14}what to do: {s.last_action}")
+        if state(s) in ("failed", "anomaly"):  # not for a disabled instance
+            if s.last_instance_state:
+                click.echo(f"{'':>14}instance state: {_plain(s.last_instance_state, 40)}")
+            if s.last_action:
+                click.echo(f"{'':>14}what to do: {s.last_action}")
     n = summary(statuses)
     click.echo(
         f"{n['instances']} instances: {n['ok']} ok, {n['anomaly']} anomaly, "

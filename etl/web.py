@@ -509,9 +509,9 @@ def _row(s: InstanceStatus, now: datetime) -> str:
         text_ = redact(s.last_error or "")
         short = text_ if len(text_) <= 240 else text_[:239] + "…"
         error = f'{_kind(s.last_error_kind)}<span title="{_e(text_)}">{_e(short)}</span>'
-        if s.last_instance_state:
+        if s.last_instance_state and st in ("failed", "anomaly"):
             error += f'<div class="state">instance state: {_e(s.last_instance_state)}</div>'
-        if s.last_action:
+        if s.last_action and st in ("failed", "anomaly"):
             error += f'<div class="action">what to do: {_e(s.last_action)}</div>'
     failures = str(s.consecutive_failures) if s.consecutive_failures else MUTED_ZERO
     return (

@@ -107,6 +107,13 @@ def _complete(instance: Instance, decoded: DecodedChats) -> bool:
     return instance.count is None and all(r.chat_id for r in decoded.rejected)
 
 
+def _has_new(decoded: DecodedChats, snap: Snapshot) -> bool:
+    """Whether the list has a chat the snapshot does not know (only decoded elements can:
+    the ones skipped as unchanged are stored chats): without one, no id switch."""
+    fingerprints = snap.fingerprints
+    return any(c.chat_id not in fingerprints for c in decoded.chats)
+
+
 def _notes(decoded: DecodedChats) -> str | None:
     """The fields the decoder did not understand, for an ok run's ``error``."""
     if not decoded.notes:
@@ -260,6 +267,8 @@ class Syncer:
         if snap is None or instance.platform != "whatsapp" or not _complete(instance, decoded):
             return Asked(known)
         translated, changes = translate(decoded, snap.identity, snap.fingerprints)
+        if not _has_new(translated, snap):
+            return Asked(known)
         switch = find_switch(
             translated,
             present=snap.present(),
@@ -374,13 +383,13 @@ class Syncer:
         decoded, changes = self._decoded(item, snap, prefetch)
         outcome.chats_received = decoded.received
         outcome.chats_rejected = len(decoded.rejected)
-        ident = self._identify(conn, item, snap, decoded, changes)
+        present = snap.present()
+        ident = self._identify(conn, item, snap, present, decoded, changes)
         if ident.hold is not None:
             verdict = Verdict(ErrorKind.ID_SWITCH, ident.hold)
             return self._write_anomaly(conn, item, outcome, locked, verdict, snap, ident)
         decoded = ident.decoded
 
-        present = snap.present()
         vanished = vanished_chats(present, decoded, count_limited=instance.count is not None)
         verdict = self._judge(instance, decoded, present, vanished, locked, ident)
         if verdict.save is not None:
@@ -435,6 +444,7 @@ class Syncer:
         conn: Connection,
         item: _Pending,
         snap: Snapshot,
+        present: set[str],
         decoded: DecodedChats,
         changes: list[IdChange],
     ) -> _Identified:
@@ -442,11 +452,15 @@ class Syncer:
         not fully linked (``identity.judge_switch``), unless the operator accepted it."""
         instance = item.instance
         out = _Identified(decoded, changes)
-        if instance.platform != "whatsapp" or not _complete(instance, decoded):
+        if (
+            instance.platform != "whatsapp"
+            or not _complete(instance, decoded)
+            or not _has_new(decoded, snap)
+        ):
             return out
         switch = find_switch(
             decoded,
-            present=snap.present(),
+            present=present,
             in_table=snap.fingerprints,
             identity=snap.identity,
             answers=item.asked.answers,
