@@ -380,6 +380,21 @@ def test_an_accepted_switch_is_applied_as_removals_and_new_chats(
         client.close()
 
 
+def test_an_acceptance_not_used_within_an_hour_lapses(lid_sim: Simulator, engine: Engine) -> None:
+    sim = lid_sim
+    inst, syncer, clock, client = setup(sim, engine, link_requests_per_second=0)
+    iid = inst.id_instance
+    try:
+        syncer.sync(inst)
+        assert cli_run(engine, "ids", "accept", "--instance", str(iid)).exit_code == 0
+        clock.now = datetime.now(UTC) + timedelta(hours=1, minutes=1)
+        sim.set_lid_mode(iid)
+        out = syncer.sync(inst)  # the switch comes more than an hour after the acceptance
+        assert (out.status, out.error_kind) == ("anomaly", "id_switch")
+    finally:
+        client.close()
+
+
 def test_a_few_removals_beside_new_lid_chats_are_what_they_look_like(
     lid_sim: Simulator, engine: Engine
 ) -> None:

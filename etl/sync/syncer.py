@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -53,6 +53,8 @@ log = logging.getLogger("etl.sync")
 
 #: the most ticks written in one transaction (group commit)
 GROUP_LIMIT = 32
+#: an ``etl ids accept`` not used by a tick within this long lapses
+ACCEPTANCE_LAPSES = timedelta(hours=1)
 #: how many groups are written at once (see ``etl.sync.group_commit``; the figures behind
 #: this number are in docs/benchmarks.md)
 GROUP_WRITERS = 4
@@ -472,7 +474,8 @@ class Syncer:
             switch, threshold=instance.mass_removal_threshold, failure=item.asked.failure
         )
         if reason is not None:
-            if not self.store.take_switch_acceptance(conn, instance.id_instance):
+            since = self.clock() - ACCEPTANCE_LAPSES
+            if not self.store.take_switch_acceptance(conn, instance.id_instance, since):
                 # the links found so far are kept, so that the next ticks need not ask
                 out.aliases.update((new, (c, "checkWhatsapp")) for c, _, new in switch.links)
                 out.hold = reason

@@ -288,12 +288,17 @@ class Store:
                 ],
             )
 
-    def take_switch_acceptance(self, conn: Connection, iid: int) -> bool:
-        """Whether the operator accepted an unlinked id switch (``etl ids accept``); the
-        acceptance is used up by the tick that asks."""
+    def take_switch_acceptance(self, conn: Connection, iid: int, since: datetime) -> bool:
+        """Whether the operator accepted an unlinked id switch (``etl ids accept``) at or
+        after ``since``; the acceptance is used up by the tick that asks (an older one has
+        lapsed: it was meant for a switch that is over)."""
         accepted = conn.execute(
             update(state_t)
-            .where(state_t.c.instance_id == iid, state_t.c.id_switch_accepted_at.is_not(None))
+            .where(
+                state_t.c.instance_id == iid,
+                state_t.c.id_switch_accepted_at.is_not(None),
+                state_t.c.id_switch_accepted_at >= since,
+            )
             .values(id_switch_accepted_at=None)
             .returning(state_t.c.instance_id)
         ).first()
