@@ -17,14 +17,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from etl.client import BUDGET_SHARE, GreenApiClient
+from etl.client import GreenApiClient
 from etl.clock import utcnow
 from etl.config import Instance
 from etl.errors import ApiError, ErrorKind, SyncError
@@ -34,7 +34,8 @@ from etl.sync.backlog import FailureBacklog
 from etl.sync.group_commit import GroupCommit, Queued
 from etl.sync.guards import CLEAR, Verdict, judge
 from etl.sync.health import HealthBook
-from etl.sync.identity import find_switch, judge_switch, translate
+from etl.sync.identify import Identified, IdStep, notes_text
+from etl.sync.identity import translate
 from etl.sync.linking import Asked, Linker
 from etl.sync.outcome import SyncOutcome
 from etl.sync.plan import (
@@ -53,8 +54,6 @@ log = logging.getLogger("etl.sync")
 
 #: the most ticks written in one transaction (group commit)
 GROUP_LIMIT = 32
-#: an ``etl ids accept`` not used by a tick within this long lapses
-ACCEPTANCE_LAPSES = timedelta(hours=1)
 #: how many groups are written at once (see ``etl.sync.group_commit``; the figures behind
 #: this number are in docs/benchmarks.md)
 GROUP_WRITERS = 4
@@ -89,41 +88,6 @@ class _Prefetch:
     changes: list[IdChange]
 
 
-@dataclass(slots=True, eq=False)
-class _Identified:
-    """The list mapped to the stored chats, the id changes and the ids learnt; or why the
-    tick is held (an id switch not fully linked)."""
-
-    decoded: DecodedChats
-    changes: list[IdChange]
-    #: alias -> (chat, source): now; ``late``: for chats this tick creates
-    aliases: dict[str, tuple[str, str]] = field(default_factory=dict)
-    late: dict[str, tuple[str, str]] = field(default_factory=dict)
-    hold: str | None = None
-    #: the operator accepted an id switch that could not be linked
-    accepted: bool = False
-
-
-def _complete(instance: Instance, decoded: DecodedChats) -> bool:
-    """Whether the list can say that a chat is gone (no count, no unreadable element)."""
-    return instance.count is None and all(r.chat_id for r in decoded.rejected)
-
-
-def _has_new(decoded: DecodedChats, snap: Snapshot) -> bool:
-    """Whether the list has a chat the snapshot does not know (only decoded elements can:
-    the ones skipped as unchanged are stored chats): without one, no id switch."""
-    fingerprints = snap.fingerprints
-    return any(c.chat_id not in fingerprints for c in decoded.chats)
-
-
-def _notes(decoded: DecodedChats) -> str | None:
-    """The fields the decoder did not understand, for an ok run's ``error``."""
-    if not decoded.notes:
-        return None
-    parts = ", ".join(f"{reason} ({n})" for reason, n in sorted(decoded.notes.items()))
-    return redact(f"fields not understood (stored values kept): {parts}")[:500]
-
-
 class Syncer:
     """Runs syncs; safe to call from many threads. One sync per instance at a time."""
 
@@ -143,6 +107,7 @@ class Syncer:
         self.snapshots = SnapshotCache()
         #: checkWhatsapp lookups for the ids of an id switch
         self.linker = Linker(client)
+        self.ids = IdStep(engine, self.store, self.snapshots, self.linker, clock)
         #: failed ticks not yet in ``sync_runs`` because the database was unreachable too
         self.backlog = FailureBacklog()
         self.group: GroupCommit[_Pending, SyncOutcome] = GroupCommit(
@@ -238,52 +203,9 @@ class Syncer:
             self.health.note(instance, outcome)
             self._write_failure(outcome)
             return None
-        snap = decoded_with or self._read_snapshot(instance)
-        asked = self._ask_links(instance, decoded, snap, t0)
+        snap = decoded_with or self.ids.read_snapshot(instance)
+        asked = self.ids.ask_links(instance, decoded, snap, t0)
         return _Pending(instance, decoded, fetched.body, decoded_with, outcome, t0, asked)
-
-    def _read_snapshot(self, instance: Instance) -> Snapshot | None:
-        """A WhatsApp instance new to this process: its snapshot, read before the write
-        transaction (not under the lock), so that an id switch in its first list can be
-        looked up in this very tick. Kept with the version it was read at: the write
-        reuses it unless another writer wrote since."""
-        if instance.platform != "whatsapp":
-            return None
-        iid = instance.id_instance
-        try:
-            with self.engine.connect() as conn:
-                version = self.store.state_version(conn, iid)  # first: the rows are newer
-                snap = self.store.load_snapshot(conn, iid)
-                snap.identity = self.store.load_identity(conn, iid)
-        except SQLAlchemyError:
-            return None  # the write finds out, and records it
-        self.snapshots.keep(iid, snap, version)
-        return snap
-
-    def _ask_links(
-        self, instance: Instance, decoded: DecodedChats, snap: Snapshot | None, t0: float
-    ) -> Asked:
-        """Before the lock: the checkWhatsapp answers an id switch in this list needs,
-        judged against this process's snapshot (none yet: asked next tick, if need be)."""
-        known = self.linker.known(instance.id_instance)
-        if snap is None or instance.platform != "whatsapp" or not _complete(instance, decoded):
-            return Asked(known)
-        translated, changes = translate(decoded, snap.identity, snap.fingerprints)
-        if not _has_new(translated, snap):
-            return Asked(known)
-        switch = find_switch(
-            translated,
-            present=snap.present(),
-            in_table=snap.fingerprints,
-            identity=snap.identity,
-            answers=known,
-            threshold=instance.mass_removal_threshold,
-            changes=changes,
-        )
-        if not switch.to_ask:
-            return Asked(known)
-        deadline = t0 + instance.interval_seconds * BUDGET_SHARE
-        return self.linker.ask(instance, switch.to_ask, deadline)
 
     # -- the write -----------------------------------------------------------------------
 
@@ -386,7 +308,7 @@ class Syncer:
         outcome.chats_received = decoded.received
         outcome.chats_rejected = len(decoded.rejected)
         present = snap.present()
-        ident = self._identify(conn, item, snap, present, decoded, changes)
+        ident = self.ids.identify(conn, item.instance, item.asked, snap, present, decoded, changes)
         if ident.hold is not None:
             verdict = Verdict(ErrorKind.ID_SWITCH, ident.hold)
             return self._write_anomaly(conn, item, outcome, locked, verdict, snap, ident)
@@ -407,7 +329,7 @@ class Syncer:
         counts = plan.counts
         outcome.chats_inserted, outcome.chats_updated = counts.inserted, counts.updated
         outcome.chats_removed, outcome.ephemeral_changes = counts.removed, counts.ephemeral_changes
-        outcome.ids_changed, outcome.error = counts.ids_changed, _notes(decoded)
+        outcome.ids_changed, outcome.error = counts.ids_changed, notes_text(decoded)
         self.health.note(instance, outcome)
         run = functools.partial(self._run_row, outcome, item.t0)
         raw = decoded.raw_hashes
@@ -441,58 +363,6 @@ class Syncer:
             return prefetch.decoded, prefetch.changes
         return translate(decoded, snap.identity, snap.fingerprints)
 
-    def _identify(
-        self,
-        conn: Connection,
-        item: _Pending,
-        snap: Snapshot,
-        present: set[str],
-        decoded: DecodedChats,
-        changes: list[IdChange],
-    ) -> _Identified:
-        """An id switch in this list: linked where checkWhatsapp answered, held while it is
-        not fully linked (``identity.judge_switch``), unless the operator accepted it."""
-        instance = item.instance
-        out = _Identified(decoded, changes)
-        if (
-            instance.platform != "whatsapp"
-            or not _complete(instance, decoded)
-            or not _has_new(decoded, snap)
-        ):
-            return out
-        switch = find_switch(
-            decoded,
-            present=present,
-            in_table=snap.fingerprints,
-            identity=snap.identity,
-            answers=item.asked.answers,
-            threshold=instance.mass_removal_threshold,
-            changes=changes,
-        )
-        out.aliases = {a: (c, "checkWhatsapp") for a, c in switch.aliases.items()}
-        reason = judge_switch(
-            switch, threshold=instance.mass_removal_threshold, failure=item.asked.failure
-        )
-        if reason is not None:
-            since = self.clock() - ACCEPTANCE_LAPSES
-            if not self.store.take_switch_acceptance(conn, instance.id_instance, since):
-                # the links found so far are kept, so that the next ticks need not ask
-                out.aliases.update((new, (c, "checkWhatsapp")) for c, _, new in switch.links)
-                out.hold = reason
-                return out
-            out.accepted = True
-            log.warning(
-                "instance %s: id switch accepted by the operator: %d ids unlinked are "
-                "applied as removals and new chats",
-                instance.id_instance,
-                switch.unresolved,
-            )
-        out.decoded, linked = switch.apply(decoded)
-        out.changes = [*changes, *linked]
-        out.aliases.update((new, (c, "checkWhatsapp")) for c, _, new in switch.links)
-        out.late = {a: (c, "checkWhatsapp") for a, c in switch.late_aliases.items()}
-        return out
-
     @staticmethod
     def _judge(
         instance: Instance,
@@ -500,7 +370,7 @@ class Syncer:
         present: set[str],
         vanished: set[str],
         locked: Locked,
-        ident: _Identified,
+        ident: Identified,
     ) -> Verdict:
         """The guards; an id switch the operator accepted is not a mass removal."""
         if ident.accepted:
@@ -559,7 +429,7 @@ class Syncer:
         locked: Locked,
         verdict: Verdict,
         snap: Snapshot,
-        ident: _Identified,
+        ident: Identified,
     ) -> Callable[[], None]:
         """A tick held back (the guards, or an id switch not linked): only its run row is
         written, and the ids checkWhatsapp gave for chats that exist (facts, kept so that
