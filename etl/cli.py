@@ -444,6 +444,11 @@ def status_cmd(as_json: bool) -> None:
             f"{s.chats:>7} {s.consecutive_failures:>5} {format_ms(s.last_duration_ms):>9}  "
             f"{_plain(redact(error), 60) if error else '-'}"
         )
+        if state(s) in ("failed", "anomaly"):  # not for a disabled instance
+            if s.last_instance_state:
+                click.echo(f"{'':>14}instance state: {_plain(s.last_instance_state, 40)}")
+            if s.last_action:
+                click.echo(f"{'':>14}what to do: {s.last_action}")
     n = summary(statuses)
     click.echo(
         f"{n['instances']} instances: {n['ok']} ok, {n['anomaly']} anomaly, "
@@ -470,6 +475,25 @@ def status_cmd(as_json: bool) -> None:
     help="Evolve the chats (renames, ephemeral changes, ...) this often; 0 = never.",
 )
 @click.option("--interval", type=int, default=60, show_default=True, help="For the config.")
+@click.option(
+    "--platform",
+    type=click.Choice(["whatsapp", "telegram", "max"]),
+    default="whatsapp",
+    show_default=True,
+    help="The messenger every instance serves (its getChats elements).",
+)
+@click.option(
+    "--lid-switch-at-step",
+    type=click.IntRange(min=0),
+    default=None,
+    help="From this step on, every instance is in LID mode: person chats are @lid.",
+)
+@click.option(
+    "--check-quota",
+    type=click.IntRange(min=0),
+    default=None,
+    help="checkWhatsapp requests each instance may make, then 466 (default: no limit).",
+)
 def simulate_cmd(
     host: str,
     port: int,
@@ -479,6 +503,9 @@ def simulate_cmd(
     token: str | None,
     tick_seconds: float,
     interval: int,
+    platform: str,
+    lid_switch_at_step: int | None,
+    check_quota: int | None,
 ) -> None:
     """Serve a Green-API simulator on loopback and print a config for it."""
     from etl.simulator import Simulator
@@ -492,6 +519,9 @@ def simulate_cmd(
         host=host,
         port=port,
         tick_seconds=tick_seconds or None,
+        platform=platform,
+        lid_switch_at_step=lid_switch_at_step,
+        check_quota=check_quota,
     )
     sim.start()
     click.echo(f"# Green-API simulator on {sim.url}: save this as etl.toml, then `etl sync --once`")
@@ -526,6 +556,12 @@ def demo_cmd(instances: int, chats: int, ticks: int, interval: int) -> None:
         database_url=_opt("database_url"),
         echo=click.echo,
     )
+
+
+# the `etl ids` commands live apart, and use this module's options and helpers
+from etl.cli_ids import ids  # noqa: E402
+
+cli.add_command(ids)
 
 
 def main() -> None:

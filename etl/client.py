@@ -1,7 +1,10 @@
 """Green-API HTTP client: URL building, timeouts, retries, error mapping, redaction.
 
 The bytes move through a ``Transport`` (``etl.transport``): one request in, status,
-headers and body out. Everything that makes it Green-API is here.
+headers and body out. Everything that makes it Green-API is here: getChats (retried within
+the tick's budget), getStateInstance (asked once, to tell the two meanings of an
+ambiguous 400 apart) and checkWhatsapp (one lookup, for linking a chat's changed id).
+What the error bodies say is read by ``etl.answers``.
 
 The token lives in the URL path, so this module never lets a URL or a library
 exception text escape unredacted: every error message is built here from the
@@ -32,6 +35,7 @@ from tenacity import (
 )
 
 from etl import USER_AGENT
+from etl.answers import STATE_KINDS, classify_400, detail, is_ambiguous_400, short
 from etl.config import Instance
 from etl.errors import ApiError, ErrorKind, PayloadError
 from etl.redact import install_log_redaction, redact
@@ -58,18 +62,6 @@ class FetchResult:
     body: bytes
     http_status: int
     attempts: int
-
-
-def classify_400(text: str) -> ErrorKind:
-    """Map the text of a Green-API 400 answer to an ``error_kind``."""
-    low = text.lower()
-    if "starting process" in low:
-        return ErrorKind.STARTING
-    if "not authorized" in low:
-        return ErrorKind.NOT_AUTHORIZED
-    if "expired" in low or "deleted" in low:
-        return ErrorKind.EXPIRED
-    return ErrorKind.BAD_REQUEST
 
 
 _STATUS_KINDS = {
@@ -113,26 +105,13 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _short(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """checkWhatsapp's answer: whether the number is on WhatsApp, and the id it names the
+    person by (a lid, where the account has one)."""
 
-
-def _error_detail(status: int, body: bytes) -> str:
-    text = body[:4096].decode("utf-8", "replace")
-    if status == 466:  # quota: report the statuses Green-API puts in the JSON body
-        try:
-            data: Any = orjson.loads(body)
-            parts = [
-                f"{k}={data[k].get('status')}"
-                for k in ("invokeStatus", "correspondentsStatus")
-                if isinstance(data, dict) and isinstance(data.get(k), dict)
-            ]
-            if parts:  # the statuses are the server's text: mask them like any other
-                return _short(redact(", ".join(parts)), 200)
-        except orjson.JSONDecodeError:
-            pass
-    return _short(redact(text), 200)
+    exists: bool
+    chat_id: str | None
 
 
 class GreenApiClient:
@@ -226,10 +205,66 @@ class GreenApiClient:
             return retrying(attempt)
         except ApiError as exc:
             exc.attempts = attempts
+            if exc.ambiguous:
+                self._classify_by_state(instance, exc, deadline)
             raise
         except PayloadError as exc:
             exc.attempts = attempts
             raise
+
+    def _classify_by_state(self, instance: Instance, exc: ApiError, deadline: float) -> None:
+        """An ambiguous 400 ("starting or not authorized"): ask getStateInstance once, and
+        make ``exc`` the kind of the real state. When the state cannot be had, it is the
+        transient reading (``starting``): a restart is the common cause, and a phone that
+        stays unlinked backs off after a few failures anyway."""
+        try:
+            state = self.get_state(instance, deadline=deadline)
+        except (ApiError, PayloadError) as err:
+            exc.error_kind = ErrorKind.STARTING
+            exc.args = (f"{exc.message}; getStateInstance failed: {err.message}",)
+            return
+        exc.instance_state = state
+        exc.error_kind = STATE_KINDS.get(state, ErrorKind.STARTING)
+        exc.args = (f"{exc.message}; getStateInstance: {short(redact(state), 40)}",)
+
+    def get_state(self, instance: Instance, *, deadline: float | None = None) -> str:
+        """``stateInstance`` from getStateInstance: one attempt, within ``deadline`` (or the
+        instance's timeouts). Raises ApiError or PayloadError."""
+        deadline = deadline if deadline is not None else time.monotonic() + instance.timeout_seconds
+        response = self._send(instance, "getStateInstance", deadline=deadline)
+        try:
+            data: Any = orjson.loads(response.body)
+        except orjson.JSONDecodeError:
+            data = None
+        state = data.get("stateInstance") if isinstance(data, dict) else None
+        if not isinstance(state, str) or not state:
+            raise PayloadError(
+                f"getStateInstance on {_host(instance)}: no stateInstance in the answer"
+            )
+        return state
+
+    def check_whatsapp(
+        self, instance: Instance, phone_id: str, *, deadline: float | None = None
+    ) -> CheckResult:
+        """checkWhatsapp for a phone-number id (``79001234567@c.us``): one attempt. The
+        number goes as ``phoneNumber``, the field every version of the method reads; the
+        answer's ``chatId`` is the person's lid where Green-API gives one. Raises ApiError
+        or PayloadError."""
+        digits = phone_id.split("@", 1)[0]
+        deadline = deadline if deadline is not None else time.monotonic() + instance.timeout_seconds
+        body = orjson.dumps({"phoneNumber": int(digits)})
+        response = self._send(instance, "checkWhatsapp", deadline=deadline, body=body)
+        try:
+            data: Any = orjson.loads(response.body)
+        except orjson.JSONDecodeError:
+            data = None
+        exists = data.get("existsWhatsapp") if isinstance(data, dict) else None
+        if not isinstance(exists, bool):
+            raise PayloadError(
+                f"checkWhatsapp on {_host(instance)}: no existsWhatsapp in the answer"
+            )
+        chat_id = data.get("chatId")
+        return CheckResult(exists, chat_id if isinstance(chat_id, str) and chat_id else None)
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -253,60 +288,87 @@ class GreenApiClient:
         return before_sleep
 
     def _attempt(self, instance: Instance, *, deadline: float, attempt: int) -> FetchResult:
-        host = urlsplit(instance.api_url).netloc
+        params = {"count": str(instance.count)} if instance.count else None
+        response = self._send(instance, "getChats", deadline=deadline, params=params)
+        return FetchResult(body=response.body, http_status=200, attempts=attempt)
+
+    def _send(
+        self,
+        instance: Instance,
+        method: str,
+        *,
+        deadline: float,
+        params: dict[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> Response:
+        """One request of a Green-API method (a POST when it has a ``body``); its 200
+        answer, else the ApiError (or PayloadError) that says why not."""
+        host = _host(instance)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ApiError(
-                f"getChats on {host}: time budget exhausted",
+                f"{method} on {host}: time budget exhausted",
                 error_kind=ErrorKind.TIMEOUT,
                 retryable=False,
             )
+        token = instance.token.get_secret_value()
         request = Request(
             base=instance.api_url,
-            path=f"/waInstance{instance.id_instance}/getChats/{instance.token.get_secret_value()}",
-            params={"count": str(instance.count)} if instance.count else None,
+            path=f"/waInstance{instance.id_instance}/{method}/{token}",
+            params=params,
             timeout=(
                 min(instance.connect_timeout_seconds, remaining),
                 min(instance.timeout_seconds, remaining),
             ),
             deadline=deadline,
+            method="GET" if body is None else "POST",
+            body=body,
         )
         try:
             response = self._transport.send(request)
         except TransportTimeout as exc:
             raise ApiError(
-                f"getChats on {host}: timed out ({exc.name})",
+                f"{method} on {host}: timed out ({exc.name})",
                 error_kind=ErrorKind.TIMEOUT,
                 retryable=True,
             ) from None
         except TransportError as exc:
             raise ApiError(
-                f"getChats on {host}: {exc.name}: {_short(redact(exc.detail))}",
+                f"{method} on {host}: {exc.name}: {short(redact(exc.detail))}",
                 error_kind=ErrorKind.CONNECTION,
                 retryable=True,
             ) from None
         except BodyTooLarge as exc:
             raise PayloadError(
-                f"getChats on {host}: body larger than {exc.limit} bytes",
+                f"{method} on {host}: body larger than {exc.limit} bytes",
                 http_status=exc.status,
             ) from None
         if response.status == 200:
-            return FetchResult(body=response.body, http_status=200, attempts=attempt)
-        raise _status_error(host, response)
+            return response
+        raise _status_error(f"{method} on {host}", response)
 
 
-def _status_error(host: str, response: Response) -> ApiError:
+def _host(instance: Instance) -> str:
+    return urlsplit(instance.api_url).netloc
+
+
+def _status_error(where: str, response: Response) -> ApiError:
     """The ApiError for an answer other than 200."""
     status, body = response.status, response.body
+    ambiguous = False
     if status == 400:
-        kind = classify_400(body[:4096].decode("utf-8", "replace"))
+        text = body[:4096].decode("utf-8", "replace")
+        kind = classify_400(text)
+        ambiguous = is_ambiguous_400(text)
         retryable = kind.info.retried
     else:
         kind, retryable = _status_kind(status)
-    return ApiError(
-        f"getChats on {host}: HTTP {status}: {_error_detail(status, body)}",
+    exc = ApiError(
+        f"{where}: HTTP {status}: {detail(status, body)}",
         error_kind=kind,
         http_status=status,
         retryable=retryable,
         retry_after=parse_retry_after(response.headers.get("Retry-After")),
     )
+    exc.ambiguous = ambiguous
+    return exc

@@ -13,7 +13,7 @@ import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -65,12 +65,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: the messenger of an instance: Green-API serves them all on the same getChats path
+Platform = Literal["whatsapp", "telegram", "max"]
+
+
 class Defaults(_Strict):
     """Values applied to every instance unless the instance sets its own."""
 
     api_url: str = "https://api.green-api.com"
     interval_seconds: Annotated[int, Field(ge=1, le=86_400)] = 60
-    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 15.0
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 40.0
     connect_timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 5.0
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 4
     mass_removal_threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
@@ -78,6 +82,9 @@ class Defaults(_Strict):
     allow_insecure_http: bool = False
     backoff_max_seconds: Annotated[int, Field(ge=1, le=86_400)] = 900
     backoff_after_transient_failures: Annotated[int, Field(ge=1, le=1000)] = 3
+    platform: Platform = "whatsapp"
+    #: checkWhatsapp requests per second when linking changed chat ids (0: never ask)
+    link_requests_per_second: Annotated[float, Field(ge=0, le=10)] = 5.0
 
 
 class InstanceConfig(_Strict):
@@ -94,6 +101,7 @@ class InstanceConfig(_Strict):
     interval_seconds: Annotated[int, Field(ge=1, le=86_400)] | None = None
     timeout_seconds: Annotated[float, Field(gt=0, le=600)] | None = None
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
+    platform: Platform | None = None
 
     @model_validator(mode="after")
     def _one_token_source(self) -> InstanceConfig:
@@ -172,6 +180,8 @@ class Instance:
     mass_removal_confirmations: int
     backoff_max_seconds: int = 900
     backoff_after_transient_failures: int = 3
+    platform: str = "whatsapp"
+    link_requests_per_second: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +301,8 @@ def resolve_instances(file_config: FileConfig, *, source: str = "") -> tuple[Ins
                 mass_removal_confirmations=d.mass_removal_confirmations,
                 backoff_max_seconds=d.backoff_max_seconds,
                 backoff_after_transient_failures=d.backoff_after_transient_failures,
+                platform=inst.platform or d.platform,
+                link_requests_per_second=d.link_requests_per_second,
             )
         )
     return tuple(out)

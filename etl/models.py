@@ -32,6 +32,8 @@ NAMING_CONVENTION = {
 }
 
 SYNC_STATUSES = ("ok", "anomaly", "failed")
+#: the messengers Green-API serves on the same getChats path
+PLATFORMS = ("whatsapp", "telegram", "max")
 
 #: BIGINT on PostgreSQL, INTEGER on SQLite (where only INTEGER PRIMARY KEY autoincrements)
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -93,10 +95,27 @@ class InstanceRow(Base):
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     change_seq: Mapped[int] = change_seq_column()
+    #: the messenger the instance serves (``PLATFORMS``), from its config
+    platform: Mapped[str] = mapped_column(
+        Text, default="whatsapp", server_default=text("'whatsapp'")
+    )
 
 
 class Chat(Base):
+    """One chat per (instance, ``chat_id``). ``chat_id`` is the chat's identity: the first id
+    it was seen under. When the API starts to name it otherwise (an ``@c.us`` chat seen as
+    ``@lid``), ``current_chat_id`` holds the id in use and ``chat_aliases`` the other ids."""
+
     __tablename__ = "chats"
+    __table_args__ = (
+        # the snapshot reads the chats whose id changed; few of them, most of the time
+        Index(
+            "ix_chats_current_chat_id",
+            "instance_id",
+            postgresql_where=text("current_chat_id IS NOT NULL"),
+            sqlite_where=text("current_chat_id IS NOT NULL"),
+        ),
+    )
 
     instance_id: Mapped[int] = mapped_column(
         BigInteger, ForeignKey("instances.id_instance"), primary_key=True
@@ -110,6 +129,32 @@ class Chat(Base):
     first_seen_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     removed_at: Mapped[datetime | None]
+    change_seq: Mapped[int] = change_seq_column()
+    #: the id getChats uses for the chat now, when it is not ``chat_id``; NULL otherwise
+    current_chat_id: Mapped[str | None] = mapped_column(Text)
+
+
+class ChatAlias(Base):
+    """Another id of a chat: the id the API names it by after an id change, or one a
+    documented Green-API method (or the operator) gave for it. ``alias_id`` maps to
+    ``chat_id`` whenever a list carries it."""
+
+    __tablename__ = "chat_aliases"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["instance_id", "chat_id"],
+            ["chats.instance_id", "chats.chat_id"],
+            name="fk_chat_aliases_chat",
+        ),
+        Index("ix_chat_aliases_chat", "instance_id", "chat_id"),
+    )
+
+    instance_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    alias_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    chat_id: Mapped[str] = mapped_column(Text)
+    #: where the link comes from: ``checkWhatsapp`` or ``operator``
+    source: Mapped[str] = mapped_column(Text)
+    linked_at: Mapped[datetime]
     change_seq: Mapped[int] = change_seq_column()
 
 
@@ -217,6 +262,10 @@ class SyncRun(Base):
     #: seconds until this instance is polled again when backing off; NULL = normal interval
     backoff_seconds: Mapped[int | None] = mapped_column(Integer)
     change_seq: Mapped[int] = change_seq_column()
+    #: chats whose id changed in this tick (``id_changed`` events)
+    ids_changed: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    #: the instance's state per getStateInstance, when the tick asked for it
+    instance_state: Mapped[str | None] = mapped_column(Text)
 
 
 EVENT_TYPES = (
@@ -227,6 +276,7 @@ EVENT_TYPES = (
     "ephemeral_changed",
     "removed",
     "reappeared",
+    "id_changed",
 )
 
 
@@ -271,6 +321,8 @@ class InstanceSyncState(Base):
     lease_until: Mapped[datetime | None]
     #: bumped by every applied tick; lets a process trust its cached fingerprints
     version: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    #: set by ``etl ids accept``: the next tick applies an id switch no link explains
+    id_switch_accepted_at: Mapped[datetime | None]
 
 
 class Replica(Base):
@@ -292,8 +344,9 @@ history_t = cast(Table, ChatEphemeralHistory.__table__)
 presence_t = cast(Table, ChatPresence.__table__)
 runs_t = cast(Table, SyncRun.__table__)
 events_t = cast(Table, ChatEvent.__table__)
+aliases_t = cast(Table, ChatAlias.__table__)
 state_t = cast(Table, InstanceSyncState.__table__)
 replicas_t = cast(Table, Replica.__table__)
 
 #: the tables with a ``change_seq`` cursor, in the order docs/queries.md lists them
-CURSOR_TABLES = (chats_t, history_t, presence_t, events_t, runs_t, instances_t)
+CURSOR_TABLES = (chats_t, aliases_t, history_t, presence_t, events_t, runs_t, instances_t)

@@ -21,6 +21,7 @@ from sqlalchemy import Boolean, Connection, Engine, Integer, Text, bindparam, te
 
 from etl.clock import utcnow
 from etl.db import read_only
+from etl.errors import ERROR_KINDS, error_kind
 from etl.models import SYNC_STATUSES, UTCDateTime
 from etl.redact import redact
 
@@ -40,6 +41,10 @@ class InstanceStatus:
     last_success_at: datetime | None
     consecutive_failures: int
     chats: int  # present (not removed)
+    #: getStateInstance's answer, when the latest run asked it
+    last_instance_state: str | None = None
+    #: what the operator should do about the latest run (``KindInfo.action``), if anything
+    last_action: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -68,7 +73,7 @@ _INSTANCES = text(
 SELECT i.id_instance, i.label, i.enabled,
        h.last_success_at, h.consecutive_failures,
        r.started_at AS last_run_at, r.status AS last_status, r.error_kind, r.error,
-       r.duration_ms
+       r.duration_ms, r.instance_state
 FROM instances i
 JOIN instance_sync_health h ON h.instance_id = i.id_instance
 LEFT JOIN sync_runs r ON r.id = (
@@ -87,6 +92,7 @@ ORDER BY i.id_instance
     error_kind=Text,
     error=Text,
     duration_ms=Integer,
+    instance_state=Text,
 )
 
 _CHATS = text(
@@ -128,9 +134,19 @@ def instance_status(engine: Engine, *, chats: dict[int, int] | None = None) -> l
             last_success_at=r.last_success_at,
             consecutive_failures=int(r.consecutive_failures or 0),
             chats=chats.get(r.id_instance, 0),
+            last_instance_state=r.instance_state,
+            last_action=action(r.last_status, r.error_kind),
         )
         for r in rows
     ]
+
+
+def action(status: str | None, kind: str | None) -> str | None:
+    """What the operator should do about a failed or held run (``ERROR_KINDS``)."""
+    known = error_kind(kind)
+    if status not in ("failed", "anomaly") or known is None:
+        return None
+    return ERROR_KINDS[known].action
 
 
 def state(s: InstanceStatus) -> str:

@@ -37,7 +37,7 @@ _Key = tuple[str, tuple[tuple[str, str], ...]]  # (url, query parameters)
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One GET of ``base + path``.
+    """One request of ``base + path``: a GET, or a POST of a JSON ``body``.
 
     ``timeout`` is (connect, read) in seconds, the read timeout applying to each
     receive; ``deadline`` (``time.monotonic()``) bounds the whole exchange, body
@@ -50,6 +50,9 @@ class Request:
     params: Mapping[str, str] | None
     timeout: tuple[float, float]
     deadline: float
+    method: str = "GET"
+    #: a JSON body (sent with ``Content-Type: application/json``)
+    body: bytes | None = None
 
     @property
     def url(self) -> str:
@@ -140,9 +143,9 @@ class RequestsTransport:
         return Response(status=response.status_code, headers=response.headers, body=body)
 
     def _send(self, request: Request) -> requests.Response:
-        """GET the URL through the session's adapter, as ``Session.get(url, stream=True,
-        allow_redirects=False)`` would, without the per-request work that cannot change
-        between two polls of one instance.
+        """Send the request through the session's adapter, as ``Session.get(url,
+        stream=True, allow_redirects=False)`` would, without the per-request work that
+        cannot change between two polls of one instance.
 
         ``Session.request`` prepares the request again (merging headers, cookies, hooks and
         re-parsing the URL) and reads the proxy variables from ``os.environ`` on every
@@ -153,15 +156,7 @@ class RequestsTransport:
         never followed.
         """
         url = request.url
-        key = (url, tuple(request.params.items()) if request.params else ())
-        prepared = self._prepared.get(key)
-        if prepared is None:
-            if len(self._prepared) >= MAX_PREPARED:
-                self._prepared.clear()
-            params = dict(request.params) if request.params else None
-            prepared = self._prepared[key] = self._session.prepare_request(
-                requests.Request("GET", url, params=params)
-            )
+        prepared = self._prepare(request)
         settings = self._settings.get(request.base)
         if settings is None:
             env = self._session.merge_environment_settings(request.base, {}, True, None, None)
@@ -174,6 +169,30 @@ class RequestsTransport:
             cert=settings["cert"],
             proxies=settings["proxies"],
         )
+
+    def _prepare(self, request: Request) -> requests.PreparedRequest:
+        """The prepared request: a GET once per URL and query, a POST (its own body each
+        time) every time."""
+        params = dict(request.params) if request.params else None
+        if request.method != "GET":
+            return self._session.prepare_request(
+                requests.Request(
+                    request.method,
+                    request.url,
+                    params=params,
+                    data=request.body,
+                    headers={"Content-Type": "application/json"},
+                )
+            )
+        key = (request.url, tuple(request.params.items()) if request.params else ())
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            if len(self._prepared) >= MAX_PREPARED:
+                self._prepared.clear()
+            prepared = self._prepared[key] = self._session.prepare_request(
+                requests.Request("GET", request.url, params=params)
+            )
+        return prepared
 
     def _read_body(self, response: requests.Response, *, deadline: float) -> bytes:
         chunks: list[bytes] = []

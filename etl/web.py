@@ -480,6 +480,7 @@ td .id { display: block; color: #8a94a6; font-size: 12px; }
 .pill.failed { background: #d64545; }
 td.error { color: #8b2d2d; max-width: 420px; word-break: break-word; }
 td.error .kind { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 12px; }
+td.error .action, td.error .state { color: #555; font-size: 12px; margin-top: 2px; }
 .muted { color: #8a94a6; }
 footer { color: #5b6678; font-size: 12px; }
 footer a { color: #2d5fc4; }
@@ -508,6 +509,10 @@ def _row(s: InstanceStatus, now: datetime) -> str:
         text_ = redact(s.last_error or "")
         short = text_ if len(text_) <= 240 else text_[:239] + "…"
         error = f'{_kind(s.last_error_kind)}<span title="{_e(text_)}">{_e(short)}</span>'
+        if s.last_instance_state and st in ("failed", "anomaly"):
+            error += f'<div class="state">instance state: {_e(s.last_instance_state)}</div>'
+        if s.last_action and st in ("failed", "anomaly"):
+            error += f'<div class="action">what to do: {_e(s.last_action)}</div>'
     failures = str(s.consecutive_failures) if s.consecutive_failures else MUTED_ZERO
     return (
         f'<tr class="{_e(st)}">'

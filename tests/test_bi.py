@@ -1125,6 +1125,14 @@ def _check_incremental(table: str) -> Callable[[Run, BiData], None]:
     return check_incremental
 
 
+@check("incremental_chat_aliases")
+def check_incremental_chat_aliases(run: Run, bi: BiData) -> None:
+    """The BI data has no id change, so no alias: the query answers nothing. Its rows as
+    an id switch writes them: test_green_api.py::test_an_id_switch_reaches_incremental_loads."""
+    assert scalar(bi.engine, "SELECT COUNT(*) FROM chat_aliases") == 0
+    assert run(last=0) == []
+
+
 for _table in (
     "chats",
     "chat_ephemeral_history",
@@ -1343,6 +1351,7 @@ def test_schema_md_documents_every_table_view_and_column(bi):
         "ephemeral_changed",
         "removed",
         "reappeared",
+        "id_changed",
     ):
         assert f"| `{kind}` |" in text_, kind
     for label in LABELS.values():

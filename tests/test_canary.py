@@ -264,6 +264,49 @@ def test_sync_runs_and_every_table_never_hold_the_token(
     check_records("sync", debug_logs)
 
 
+def test_state_and_link_requests_never_show_the_token(
+    canary_sim: Simulator,
+    engine: Engine,
+    fast_client: GreenApiClient,
+    debug_logs: pytest.LogCaptureFixture,
+) -> None:
+    """getStateInstance (behind an ambiguous 400) and checkWhatsapp (linking an id switch)
+    carry the token in their paths too: answered, failing, and echoing it back."""
+    sim = canary_sim
+    iid = sim.instance_ids[0]
+    inst = make_instance(sim, iid, token=CANARY, link_requests_per_second=10.0)
+    register_instances(engine, [inst])
+    syncer = Syncer(engine, fast_client)
+    outcomes = []
+    # the state behind the ambiguous 400: answered, a 500 echoing the token, a refused one
+    sim.set_state(iid, "notAuthorized")
+    for fault in (None, Fault(status=500, body=CANARY.encode()), Fault(mode="reset")):
+        sim.set_method_fault(iid, "getStateInstance", fault)
+        outcomes.append(syncer.sync(inst))
+    sim.set_state(iid, "authorized")
+    assert syncer.sync(inst).status == "ok"
+    # an id switch: checkWhatsapp answering, echoing the token, out of quota
+    sim.set_lid_mode(iid)
+    echo = f"bad /waInstance{iid}/checkWhatsapp/{CANARY}".encode()
+    sim.set_method_fault(iid, "checkWhatsapp", Fault(status=400, body=echo, times=1))
+    outcomes.append(syncer.sync(inst))
+    sim.set_check_quota(iid, 1)
+    outcomes.append(syncer.sync(inst))
+    sim.set_check_quota(iid, None)
+    outcomes.append(syncer.sync(inst))
+    kinds = [o.error_kind for o in outcomes]
+    assert kinds[:3] == ["not_authorized", "starting", "starting"], kinds
+    assert "id_switch" in kinds and outcomes[-1].status == "ok", [o.error for o in outcomes]
+    for o in outcomes:
+        assert_clean("outcome", o.error, repr(o))
+    assert sim.method_count("getStateInstance") == 3 and sim.method_count("checkWhatsapp") > 0
+    assert_database_clean(engine)
+    check_records("state and links", debug_logs)
+    lines = [r.getMessage() for r in debug_logs.records if r.name.startswith("urllib3")]
+    for method in ("getStateInstance", "checkWhatsapp"):
+        assert any(f"/{method}/***" in line for line in lines), method
+
+
 # -- the config loader -------------------------------------------------------------------
 
 

@@ -308,12 +308,37 @@ def test_builtin_defaults(tmp_path: Path) -> None:
     assert inst.api_url == "https://api.green-api.com"
     assert (inst.interval_seconds, inst.timeout_seconds, inst.connect_timeout_seconds) == (
         60,
-        15.0,
+        40.0,
         5.0,
     )
     assert (inst.max_attempts, inst.count, inst.enabled) == (4, None, True)
     assert (inst.mass_removal_threshold, inst.mass_removal_confirmations) == (0.5, 3)
+    assert (inst.platform, inst.link_requests_per_second) == ("whatsapp", 5.0)
     assert inst.label == f"instance {IID}"
+
+
+def test_platform_per_instance_and_in_defaults(tmp_path: Path) -> None:
+    body = (
+        '[defaults]\nplatform = "telegram"\nlink_requests_per_second = 2\n'
+        + instance()
+        + instance(IID + 1, platform='"max"')
+    )
+    first, second = load(tmp_path, body).instances
+    assert (first.platform, second.platform) == ("telegram", "max")
+    assert first.link_requests_per_second == 2.0
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ('platform = "viber"\n', "key 'platform'"),
+        ("link_requests_per_second = 11\n", "key 'defaults.link_requests_per_second'"),
+    ],
+)
+def test_platform_and_link_rate_are_validated(tmp_path: Path, body: str, where: str) -> None:
+    text = "[defaults]\n" + body + instance() if body.startswith("link") else instance() + body
+    with pytest.raises(ConfigError, match=where):
+        load(tmp_path, text)
 
 
 def test_defaults_section_applies_and_instances_override(tmp_path: Path) -> None:

@@ -375,7 +375,7 @@ def test_configuration_md_documents_every_config_key_with_its_default() -> None:
 
 # -- (c) docs/errors.md is ERROR_KINDS --------------------------------------------------
 
-ERRORS_HEADER = ["kind", "status", "cause", "retried within the tick", "backoff"]
+ERRORS_HEADER = ["kind", "status", "cause", "retried within the tick", "backoff", "what to do"]
 
 
 def _errors_table() -> list[tuple[int, list[str]]]:
@@ -402,7 +402,14 @@ def _unquote(cell: str) -> str:
 
 def test_errors_md_table_is_error_kinds() -> None:
     expected = [
-        [kind.value, info.status, info.cause, "yes" if info.retried else "no", info.backoff.value]
+        [
+            kind.value,
+            info.status,
+            info.cause,
+            "yes" if info.retried else "no",
+            info.backoff.value,
+            info.action,
+        ]
         for kind, info in ERROR_KINDS.items()
     ]
     rows = _errors_table()

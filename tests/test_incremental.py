@@ -27,6 +27,7 @@ from tests.test_bi import query_for
 #: the primary key of each table with a cursor (the merge key of a copy)
 KEYS = {
     "chats": ("instance_id", "chat_id"),
+    "chat_aliases": ("instance_id", "alias_id"),
     "chat_ephemeral_history": ("id",),
     "chat_presence": ("id",),
     "chat_events": ("id",),

@@ -210,7 +210,15 @@ def final_pass_matches(engine: Engine, sim: Simulator) -> None:
                     i=iid,
                 )
             }
-            served = {c["id"]: (c["name"], c["archive"], c["ephemeralExpiration"]) for c in frozen}
+            # an empty name keeps the stored one (no flickering renames): any name matches it
+            served = {
+                c["id"]: (
+                    c["name"] or stored.get(c["id"], ("",))[0],
+                    c["archive"],
+                    c["ephemeralExpiration"],
+                )
+                for c in frozen
+            }
             assert stored == served
     finally:
         client.close()

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from etl.errors import PayloadError
+from etl.errors import PayloadError, PlatformMismatch
 from etl.payload import MAX_TIMESTAMP, ChatRecord, DecodedChats, decode_chats
 from tests.factories import SEED_EXAMPLE, chat
 
@@ -135,69 +135,20 @@ def test_empty_array_decodes_to_nothing() -> None:
         pytest.param({"id": -5}, "id is not a positive number", id="negative-id"),
         pytest.param({"id": 1.5}, "id has type float", id="float-id"),
         pytest.param({"id": {"a": 1}}, "id has type dict", id="object-id"),
-        pytest.param({"id": "1@c.us", "name": 5}, "name has type int", id="int-name"),
-        pytest.param({"id": "1@c.us", "name": ["a"]}, "name has type list", id="list-name"),
-        pytest.param({"id": "1@c.us", "archive": "yes"}, "archive has type str", id="str-archive"),
-        pytest.param({"id": "1@c.us", "archive": 1}, "archive has type int", id="int-archive"),
-        pytest.param({"id": "1@c.us", "type": 3}, "type has type int", id="int-type"),
+        # ids that are obviously not a chat's
+        pytest.param({"id": "null@c.us"}, "id 'null@c.us' is not a chat id", id="null-at-c-us"),
+        pytest.param({"id": "undefined"}, "id 'undefined' is not a chat id", id="undefined"),
+        pytest.param({"id": "@c.us"}, "id '@c.us' has nothing before the @", id="no-local-part"),
         pytest.param(
-            {"id": "1@c.us", "ephemeralExpiration": True},
-            "ephemeralExpiration has type bool",
-            id="bool-expiration",
+            {"id": "+79001234567@c.us"},
+            "id '+79001234567@c.us': a @c.us id is a number",
+            id="plus-in-phone",
         ),
+        pytest.param({"id": "abc@lid"}, "id 'abc@lid': a @lid id is a number", id="letters-lid"),
         pytest.param(
-            {"id": "1@c.us", "ephemeralExpiration": False},
-            "ephemeralExpiration has type bool",
-            id="false-expiration",
-        ),
-        pytest.param(
-            {"id": "1@c.us", "ephemeralSettingTimestamp": True},
-            "ephemeralSettingTimestamp has type bool",
-            id="bool-timestamp",
-        ),
-        pytest.param(
-            {"id": "1@c.us", "ephemeralExpiration": 86400.0},
-            "ephemeralExpiration has type float",
-            id="float-expiration",
-        ),
-        pytest.param(
-            {"id": "1@c.us", "ephemeralExpiration": "86400"},
-            "ephemeralExpiration has type str",
-            id="str-expiration",
-        ),
-        pytest.param(
-            {"id": "1@c.us", "ephemeralExpiration": -1},
-            "ephemeralExpiration is negative",
-            id="negative-expiration",
-        ),
-        pytest.param(
-            {"id": "1@c.us", "ephemeralExpiration": 2**31},
-            "ephemeralExpiration out of range",
-            id="huge-expiration",
-        ),
-        pytest.param(
-            {"id": "1@c.us", "ephemeralExpiration": 0, "ephemeralSettingTimestamp": -1},
-            "ephemeralSettingTimestamp is negative",
-            id="negative-timestamp",
-        ),
-        pytest.param(
-            {"id": "1@c.us", "ephemeralExpiration": 0, "ephemeralSettingTimestamp": -(2**63)},
-            "ephemeralSettingTimestamp is negative",
-            id="min-int64-timestamp",
-        ),
-        pytest.param(
-            {"id": "1@c.us", "ephemeralExpiration": 0, "ephemeralSettingTimestamp": 2**63 - 1},
-            "ephemeralSettingTimestamp out of range",
-            id="max-int64-timestamp",
-        ),
-        pytest.param(
-            {
-                "id": "1@c.us",
-                "ephemeralExpiration": 0,
-                "ephemeralSettingTimestamp": MAX_TIMESTAMP + 1,
-            },
-            "ephemeralSettingTimestamp out of range",
-            id="timestamp-after-9999",
+            {"id": "1-2-3@g.us"},
+            "id '1-2-3@g.us': a @g.us id is a number (or two, joined by -)",
+            id="bad-group",
         ),
     ],
 )
@@ -206,18 +157,153 @@ def test_element_rejections_with_reasons(item: Any, reason: str) -> None:
 
 
 def test_beyond_64_bit_numbers_reject_the_element_not_the_body() -> None:
-    # orjson reads integers beyond 64 bits as floats: the element is rejected, the rest kept.
+    # orjson reads integers beyond 64 bits as floats: an id like that rejects its element,
+    # a timestamp like that is not understood (the chat is kept, its setting unknown)
     body = (
         b'[{"id": "1@c.us", "ephemeralExpiration": 0, '
         b'"ephemeralSettingTimestamp": 100000000000000000000000000000},'
         b' {"id": "2@c.us"}, {"id": 100000000000000000000000000000}]'
     )
     out = decode_chats(body)
-    assert [c.chat_id for c in out.chats] == ["2@c.us"]
-    assert [(r.index, r.reason) for r in out.rejected] == [
-        (0, "ephemeralSettingTimestamp has type float"),
-        (2, "id has type float"),
+    assert [(c.chat_id, c.ephemeral_known) for c in out.chats] == [
+        ("1@c.us", False),
+        ("2@c.us", False),
     ]
+    assert [(r.index, r.reason) for r in out.rejected] == [(2, "id has type float")]
+    assert out.notes == {"ephemeralSettingTimestamp has type float": 1}
+
+
+# -- tolerated forms: a chat never freezes because one field changed its form ------------
+
+T = 1_777_870_423  # the seed example's timestamp
+
+
+def one(item: dict[str, Any]) -> tuple[ChatRecord, dict[str, int]]:
+    out = decode([item])
+    assert out.rejected == [], out.rejected
+    return out.chats[0], out.notes
+
+
+@pytest.mark.parametrize(
+    ("fields", "expiration", "setting_at"),
+    [
+        pytest.param({"ephemeralExpiration": "86400"}, 86400, None, id="digit-string"),
+        pytest.param({"ephemeralExpiration": " 604800 "}, 604800, None, id="padded-string"),
+        pytest.param({"ephemeralExpiration": 86400.0}, 86400, None, id="integral-float"),
+        pytest.param(
+            {"ephemeralExpiration": 86400, "ephemeralSettingTimestamp": str(T)},
+            86400,
+            datetime.fromtimestamp(T, UTC),
+            id="timestamp-string",
+        ),
+        pytest.param(
+            {"ephemeralExpiration": 86400, "ephemeralSettingTimestamp": T * 1000 + 250},
+            86400,
+            datetime.fromtimestamp(T, UTC).replace(microsecond=250_000),
+            id="milliseconds",
+        ),
+        pytest.param(
+            {"ephemeralExpiration": "86400", "ephemeralSettingTimestamp": str(T * 1000)},
+            86400,
+            datetime.fromtimestamp(T, UTC),
+            id="milliseconds-as-string",
+        ),
+        pytest.param(
+            {"ephemeralExpiration": 0, "ephemeralSettingTimestamp": "0"}, 0, None, id="zero-string"
+        ),
+    ],
+)
+def test_numbers_in_other_forms_are_read_as_numbers(
+    fields: dict[str, Any], expiration: int, setting_at: datetime | None
+) -> None:
+    record, notes = one({"id": "1@c.us", **fields})
+    assert (record.ephemeral_known, record.ephemeral_expiration) == (True, expiration)
+    assert record.ephemeral_setting_at == setting_at
+    assert notes == {}
+
+
+@pytest.mark.parametrize(
+    ("fields", "note"),
+    [
+        pytest.param({"ephemeralExpiration": True}, "ephemeralExpiration has type bool", id="bool"),
+        pytest.param({"ephemeralExpiration": "24h"}, "ephemeralExpiration has type str", id="text"),
+        pytest.param(
+            {"ephemeralExpiration": 86400.5}, "ephemeralExpiration has type float", id="f"
+        ),
+        pytest.param({"ephemeralExpiration": -1}, "ephemeralExpiration is negative", id="neg"),
+        pytest.param({"ephemeralExpiration": 2**31}, "ephemeralExpiration out of range", id="huge"),
+        pytest.param(
+            {"ephemeralExpiration": 0, "ephemeralSettingTimestamp": True},
+            "ephemeralSettingTimestamp has type bool",
+            id="bool-timestamp",
+        ),
+        pytest.param(
+            {"ephemeralExpiration": 0, "ephemeralSettingTimestamp": -1},
+            "ephemeralSettingTimestamp is negative",
+            id="negative-timestamp",
+        ),
+        pytest.param(
+            {"ephemeralExpiration": 0, "ephemeralSettingTimestamp": MAX_TIMESTAMP + 1},
+            "ephemeralSettingTimestamp out of range",
+            id="after-9999",
+        ),
+        pytest.param(
+            {"ephemeralExpiration": 0, "ephemeralSettingTimestamp": 10**13},
+            "ephemeralSettingTimestamp out of range",
+            id="14-digits",
+        ),
+    ],
+)
+def test_an_ephemeral_field_not_understood_leaves_the_setting_unknown(
+    fields: dict[str, Any], note: str
+) -> None:
+    """The chat is kept (its name and flag still update); its stored setting is kept, as
+    when the API omits the fields, instead of the whole chat being rejected every tick."""
+    record, notes = one({"id": "1@c.us", "name": "Still here", **fields})
+    assert (record.name, record.ephemeral_known, record.ephemeral_expiration) == (
+        "Still here",
+        False,
+        None,
+    )
+    assert notes == {note: 1}
+
+
+@pytest.mark.parametrize(
+    ("archive", "archived", "known", "notes"),
+    [
+        pytest.param(True, True, True, {}, id="true"),
+        pytest.param("true", True, True, {}, id="string-true"),
+        pytest.param("False", False, True, {}, id="string-false"),
+        pytest.param(1, True, True, {}, id="one"),
+        pytest.param(0, False, True, {}, id="zero"),
+        pytest.param(None, False, False, {}, id="missing"),
+        pytest.param("yes", False, False, {"archive has type str": 1}, id="yes"),
+        pytest.param(2, False, False, {"archive has type int": 1}, id="two"),
+    ],
+)
+def test_the_archive_flag_in_other_forms(
+    archive: Any, archived: bool, known: bool, notes: dict[str, int]
+) -> None:
+    record, got = one({"id": "1@c.us", "archive": archive})
+    assert (record.archived, record.archive_known, got) == (archived, known, notes)
+
+
+def test_name_and_type_in_other_forms() -> None:
+    out = decode(
+        [
+            {"id": "1@c.us", "name": 79001234567},
+            {"id": "2@c.us", "name": ["a"]},
+            {"id": "3@g.us", "type": 3},
+            {"id": "4@c.us", "type": ""},
+        ]
+    )
+    assert [(c.name, c.chat_type) for c in out.chats] == [
+        ("79001234567", "user"),
+        ("", "user"),
+        ("", "group"),
+        ("", "user"),
+    ]
+    assert out.notes == {"name has type list": 1, "type has type int": 1}
 
 
 def test_timestamp_bounds_are_inclusive() -> None:
@@ -243,20 +329,15 @@ def test_rejections_keep_the_rest_and_remember_readable_ids() -> None:
     out = decode(
         [
             chat("1@c.us"),
-            {"id": "2@c.us", "name": 12},
+            {"id": "2@c.us", "name": [12]},
             "junk",
             {"id": None},
             chat("3@c.us"),
-            {"id": "79001234567", "archive": "no"},
+            {"id": "null@c.us", "archive": "no"},
         ]
     )
-    assert [c.chat_id for c in out.chats] == ["1@c.us", "3@c.us"]
-    assert [(r.index, r.chat_id) for r in out.rejected] == [
-        (1, "2@c.us"),
-        (2, None),
-        (3, None),
-        (5, "79001234567@c.us"),
-    ]
+    assert [c.chat_id for c in out.chats] == ["1@c.us", "2@c.us", "3@c.us"]
+    assert [(r.index, r.chat_id) for r in out.rejected] == [(2, None), (3, None), (5, None)]
     assert out.received == 6
 
 
@@ -326,7 +407,7 @@ def test_duplicates_after_normalisation_first_wins() -> None:
 
 def test_rejected_element_does_not_claim_its_id() -> None:
     # A bad first copy is rejected; the later valid copy of the same id is kept.
-    out = decode([{"id": "1@c.us", "name": 1}, chat("1@c.us", name="good")])
+    out = decode([{"id": 1.5, "name": "bad"}, chat("1@c.us", name="good")])
     assert [(c.chat_id, c.name) for c in out.chats] == [("1@c.us", "good")]
 
 
@@ -341,6 +422,7 @@ def test_missing_optional_fields_get_defaults() -> None:
         ephemeral_expiration=None,
         ephemeral_setting_at=None,
         ephemeral_known=False,
+        archive_known=False,
     )
     assert group.chat_type == "group"  # inferred from @g.us
     assert group.ephemeral_known is False
@@ -621,7 +703,85 @@ def test_a_duplicate_id_first_wins_whether_unchanged_or_not(style: str) -> None:
         [changed_a, b, a],  # the changed one first: it wins, the unchanged one is rejected
         [a, b, changed_a],  # the unchanged one first
         [a, b, a],  # the same bytes twice
-        [b, dict(a, archive="no"), a],  # a rejected element naming an unchanged chat
+        [b, dict(a, id="+1@c.us"), a],  # a rejected element naming an unchanged chat
     ):
         fast = _assert_fast_equals_full([a, b], after, style)
         assert fast.received == 3
+
+
+# -- Telegram and MAX instances on the same path ------------------------------------------
+
+#: the example of green-api.com/en/telegram/docs/api/service/GetChats
+TELEGRAM_EXAMPLE = [
+    {
+        "chatId": "-10000000000000",
+        "name": "GREEN-API Super Group",
+        "type": "supergroup",
+        "phoneNumber": 0,
+        "username": "@green_api_supergroup",
+    },
+    {
+        "chatId": "10000000",
+        "name": "Vasilisa the Wise",
+        "type": "user",
+        "phoneNumber": 79876543210,
+        "username": "@vasilisa",
+    },
+    {"chatId": "-5098765432", "name": "GREEN-API Group", "type": "group", "phoneNumber": 0},
+]
+#: the example of green-api.com/v3/docs/api/service/GetChats/ (MAX)
+MAX_EXAMPLE = [
+    {"chatId": "-10000000000000", "phoneNumber": 0},
+    {"chatId": "10000000", "phoneNumber": 79876543210},
+    {"chatId": 10000001, "phoneNumber": 79998887766},
+]
+
+
+def test_a_telegram_list_is_read_as_its_docs_describe() -> None:
+    out = decode_chats(orjson.dumps(TELEGRAM_EXAMPLE), platform="telegram")
+    assert out.rejected == [] and out.notes == {}
+    assert [(c.chat_id, c.chat_type, c.name) for c in out.chats] == [
+        ("-10000000000000", "supergroup", "GREEN-API Super Group"),
+        ("10000000", "user", "Vasilisa the Wise"),
+        ("-5098765432", "group", "GREEN-API Group"),
+    ]
+    # no @c.us rewriting, no archive flag, no ephemeral setting
+    assert all(not c.ephemeral_known and not c.archive_known for c in out.chats)
+
+
+def test_a_max_list_has_ids_only() -> None:
+    out = decode_chats(orjson.dumps(MAX_EXAMPLE), platform="max", track=True)
+    assert out.rejected == []
+    assert [(c.chat_id, c.chat_type, c.name) for c in out.chats] == [
+        ("-10000000000000", "group", ""),
+        ("10000000", "user", ""),
+        ("10000001", "user", ""),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "platform", "looks"),
+    [
+        pytest.param(TELEGRAM_EXAMPLE, "whatsapp", "telegram", id="telegram-to-whatsapp"),
+        pytest.param(MAX_EXAMPLE, "whatsapp", "max", id="max-to-whatsapp"),
+        pytest.param(SEED_EXAMPLE, "telegram", "whatsapp", id="whatsapp-to-telegram"),
+        pytest.param(SEED_EXAMPLE, "max", "whatsapp", id="whatsapp-to-max"),
+        pytest.param(MAX_EXAMPLE, "telegram", "max", id="max-to-telegram"),
+        pytest.param(TELEGRAM_EXAMPLE, "max", "telegram", id="telegram-to-max"),
+    ],
+)
+@pytest.mark.parametrize("track", [False, True])
+def test_another_messengers_list_fails_naming_the_one_it_looks_like(
+    body: list[Any], platform: str, looks: str, track: bool
+) -> None:
+    with pytest.raises(PlatformMismatch) as caught:
+        decode_chats(orjson.dumps(body), platform=platform, track=track)
+    exc = caught.value
+    assert (exc.error_kind, exc.looks, exc.platform) == ("wrong_platform", looks, platform)
+    assert f"set platform = '{looks}'" in exc.message
+    assert {"telegram": "Telegram", "max": "MAX", "whatsapp": "WhatsApp"}[looks] in exc.message
+
+
+def test_a_list_of_unreadable_elements_is_not_a_platform_mismatch() -> None:
+    out = decode([{"x": 1}, {"id": None}])
+    assert out.chats == [] and len(out.rejected) == 2

@@ -22,13 +22,16 @@ from etl.config import Instance
 from etl.errors import ErrorKind
 from etl.payload import ChatRecord, decode_chats
 from etl.sync.guards import CLEAR, GuardState, judge, parse_vanished_sample
+from etl.sync.identity import Identity, find_switch, judge_switch
 from etl.sync.plan import (
     Event,
     FirstLoad,
     HistoryClose,
+    IdChange,
     PresenceClose,
     PresenceOpen,
     TickPlan,
+    add_id_changes,
     plan_tick,
     vanished_chats,
 )
@@ -89,6 +92,58 @@ def kinds(plan: TickPlan) -> list[tuple[str, str]]:
 
 
 # -- the diff rules ---------------------------------------------------------------------------
+
+
+def test_an_empty_name_keeps_the_stored_one_so_renames_do_not_flicker() -> None:
+    """Names that come and go ("Bob", "", "Bob") are not a rename each time."""
+    plan = plan_of([record("1@c.us", name="")], [Stored("1@c.us", name="Bob")])
+    assert (plan.upserts, plan.events, plan.updated) == ([], [], 0)
+    # a real rename still is one, and a chat first seen without a name gets one later
+    plan = plan_of([record("1@c.us", name="Robert")], [Stored("1@c.us", name="Bob")])
+    assert [(e.event_type, e.old_value, e.new_value) for e in plan.events] == [
+        ("renamed", "Bob", "Robert")
+    ]
+    plan = plan_of([record("2@c.us", name="Ann")], [Stored("2@c.us", name="")])
+    assert [(e.event_type, e.old_value, e.new_value) for e in plan.events] == [
+        ("renamed", "", "Ann")
+    ]
+
+
+def test_an_unsaid_archive_flag_keeps_the_stored_one() -> None:
+    unsaid = record("1@c.us", archived=False, archive_known=False)
+    plan = plan_of([unsaid], [Stored("1@c.us", archived=True)])
+    assert (plan.upserts, plan.events) == ([], [])
+    # a change of something else writes the stored flag, not the element's default
+    renamed = record("1@c.us", name="Bob", archived=False, archive_known=False)
+    plan = plan_of([renamed], [Stored("1@c.us", archived=True)])
+    assert plan.upserts[0]["archived"] is True and kinds(plan) == [("1@c.us", "renamed")]
+    # a new chat with no flag is not archived
+    plan = plan_of([record("2@c.us", archived=False, archive_known=False)], [])
+    assert plan.inserts[0]["archived"] is False
+
+
+def test_a_platform_without_disappearing_messages_gets_no_history() -> None:
+    chats = [record("10000000", ephemeral_known=False), record("-5098765432", chat_type="group")]
+    plan = plan_tick(
+        instance_id=IID,
+        candidates=chats,
+        stored={},
+        in_table=(),
+        vanished=set(),
+        now=NOW,
+        history=False,
+    )
+    assert plan.opens == [] and plan.inserted == 2
+    assert FirstLoad(IID, NOW, chats, history=False).expand().opens == []
+
+
+def test_id_changes_are_events_and_counted() -> None:
+    plan = plan_of([], [Stored("79000000001@c.us")])
+    add_id_changes(plan, [IdChange("79000000001@c.us", "79000000001@c.us", "1@lid")])
+    assert [(e.chat_id, e.event_type, e.old_value, e.new_value) for e in plan.events] == [
+        ("79000000001@c.us", "id_changed", "79000000001@c.us", "1@lid")
+    ]
+    assert plan.counts.ids_changed == 1 and plan.events[0].occurred_at == NOW
 
 
 def test_a_new_chat_is_inserted_with_its_first_period_and_a_created_event() -> None:
@@ -461,6 +516,19 @@ def tick(store: MemoryStore, inst: Instance, body: bytes, now: datetime) -> dict
     present = {cid for cid, r in store.chats.items() if r["removed_at"] is None}
     vanished = vanished_chats(present, decoded, count_limited=inst.count is not None)
     out = {"chats_received": decoded.received, "chats_rejected": len(decoded.rejected)}
+    if inst.count is None and all(r.chat_id for r in decoded.rejected):
+        # no aliases here and no checkWhatsapp to ask: an id switch can only be held
+        switch = find_switch(
+            decoded,
+            present=present,
+            in_table=store.chats,
+            identity=Identity(),
+            answers={},
+            threshold=0.5,
+        )
+        if judge_switch(switch, threshold=0.5, failure="no linking") is not None:
+            zero = dict.fromkeys(("inserted", "updated", "removed", "ephemeral_changes"), 0)
+            return out | {"status": "anomaly", "error_kind": "id_switch"} | zero
     verdict = judge(
         inst, received=decoded.received, present=present, vanished=vanished, stored=store.guard
     )

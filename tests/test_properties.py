@@ -184,6 +184,17 @@ class Model:
     #: chat -> its presence periods [valid_from, valid_to or None], oldest first
     presence: dict[str, list[list[datetime | None]]] = field(default_factory=dict)
 
+    def _id_switch(self, new: set[str], present: set[str], vanished: set[str]) -> bool:
+        """Chats of one id form vanished while chats of the other appeared, more than the
+        threshold of that form, and no link can be had (the stub client cannot ask
+        checkWhatsapp): held as an id switch."""
+        for old, other in (("@c.us", "@lid"), ("@lid", "@c.us")):
+            gone = [c for c in vanished if c.endswith(old)]
+            total = sum(c.endswith(old) for c in present)
+            if gone and any(n.endswith(other) for n in new) and len(gone) / total > self.threshold:
+                return True
+        return False
+
     def apply(self, body: bytes, now: datetime = T0) -> dict[str, Any]:
         """What the tick must record: status, error_kind and counts (the spec, not the code);
         ``now`` is the tick's clock, when presence periods open and close."""
@@ -206,6 +217,8 @@ class Model:
         complete = self.complete_lists and all(r.chat_id for r in dec.rejected)
         protected = {r.chat_id for r in dec.rejected if r.chat_id}
         vanished = (present - incoming.keys() - protected) if complete else set()
+        if self._id_switch(incoming.keys() - self.chats.keys(), present, vanished):
+            return out | {"status": "anomaly", "error_kind": "id_switch"}
         if present and len(vanished) / len(present) > self.threshold:
             # confirmed once the chats missing last time are still all missing (the pool is
             # small, so the code's sample of the missing ids is the whole set here)
@@ -232,13 +245,16 @@ class Model:
             eph = c.ephemeral_known and (
                 (c.ephemeral_expiration, c.ephemeral_setting_at) != (old.expiration, old.setting_at)
             )
-            attrs = (c.name, c.chat_type, c.archived) != (old.name, old.chat_type, old.archived)
+            # an empty name or an unsaid flag keeps the stored one (no flickering renames)
+            name = c.name or old.name
+            archived = c.archived if c.archive_known else old.archived
+            attrs = (name, c.chat_type, archived) != (old.name, old.chat_type, old.archived)
             if eph or old.removed or attrs:
                 out["chats_updated"] += 1
             out["ephemeral_changes"] += eph
             if old.removed:  # back in the list
                 self.presence[c.chat_id].append([now, None])
-            old.name, old.chat_type, old.archived = c.name, c.chat_type, c.archived
+            old.name, old.chat_type, old.archived = name, c.chat_type, archived
             old.removed = False
             if c.ephemeral_known:
                 old.expiration = c.ephemeral_expiration  # type: ignore[assignment]

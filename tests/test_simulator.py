@@ -169,7 +169,9 @@ def test_unknown_instance_403(sim: Simulator, http: requests.Session) -> None:
     ("method", "suffix"),
     [
         ("GET", "/"),
-        ("GET", "/waInstance{iid}/getStateInstance/{token}"),
+        ("GET", "/waInstance{iid}/getSettings/{token}"),
+        ("GET", "/waInstance{iid}/checkWhatsapp/{token}"),
+        ("POST", "/waInstance{iid}/getStateInstance/{token}"),
         ("GET", "/waInstance{iid}/getChats"),
         ("GET", "/waInstance{iid}/getChats/{token}/extra"),
         ("POST", "/waInstance{iid}/getChats/{token}"),
@@ -261,8 +263,11 @@ def test_fault_466_default_body(sim: Simulator, http: requests.Session) -> None:
     r = http.get(chats_url(sim, iid), timeout=TIMEOUT)
     assert r.status_code == 466
     data = r.json()
-    assert data["invokeStatus"]["status"] == "QUOTE_ALLOWED_EXCEEDED"
+    # the shape of Green-API's "466 error example body" page
+    assert set(data["invokeStatus"]) == {"method", "used", "total", "status", "description"}
+    assert data["invokeStatus"]["status"] == "QUOTE_EXCEEDED"
     assert data["correspondentsStatus"]["status"] == "CORRESPONDENTS_QUOTE_EXCEEDED"
+    assert "@c.us" in data["correspondentsStatus"]["description"]  # it lists chat ids
 
 
 def test_fault_before_token_check(sim: Simulator, http: requests.Session) -> None:
@@ -547,3 +552,118 @@ def test_stop_is_idempotent_and_restart_keeps_port(http: requests.Session) -> No
     with sim:
         assert sim.url == url
         assert http.get(chats_url(sim, iid), timeout=TIMEOUT).status_code == 200
+
+
+# --- the real Green-API's other behaviours (docs/green-api.md#the-simulator) ---------------
+
+
+def method_url(sim: Simulator, method: str, iid: int) -> str:
+    return f"{sim.url}/waInstance{iid}/{method}/{sim.token_for(iid)}"
+
+
+def test_lid_mode_lists_person_chats_by_their_lid_and_groups_as_they_are(
+    http: requests.Session,
+) -> None:
+    still = ChangeRates(new=0, rename=0, archive=0, ephemeral=0, removal=0)
+    with Simulator(instances=1, chats=40, seed=2, lid_switch_at_step=2, rates=still) as sim:
+        iid = first(sim)
+
+        def listed() -> dict[str, dict[str, object]]:  # by id: activity reorders the list
+            return {c["id"]: c for c in http.get(chats_url(sim, iid), timeout=TIMEOUT).json()}
+
+        before = listed()
+        sim.step()
+        assert listed() == before
+        sim.step()  # the switch
+        after = listed()
+    assert len(after) == len(before)
+    for cid, old in before.items():
+        if cid.endswith("@c.us"):
+            lid = sim.lid_of(cid)
+            assert after[lid] == dict(old, id=lid) and len(lid) == len("1" * 15 + "@lid")
+        else:
+            assert after[cid] == old  # groups, and chats that were lids already
+    assert any(c.endswith("@g.us") for c in after) and not any(c.endswith("@c.us") for c in after)
+
+
+def test_set_lid_mode_switches_one_instance_and_back(
+    sim: Simulator, http: requests.Session
+) -> None:
+    a, b = sim.instance_ids[:2]  # no step in between: the lists do not move
+    before = {i: http.get(chats_url(sim, i), timeout=TIMEOUT).json() for i in (a, b)}
+    sim.set_lid_mode(a)
+    assert http.get(chats_url(sim, b), timeout=TIMEOUT).json() == before[b]
+    lids = [c["id"] for c in http.get(chats_url(sim, a), timeout=TIMEOUT).json()]
+    assert not any(i.endswith("@c.us") for i in lids)
+    sim.set_lid_mode(a, False)
+    assert http.get(chats_url(sim, a), timeout=TIMEOUT).json() == before[a]
+
+
+def test_check_whatsapp_answers_the_lid_within_its_rate_limit_and_quota(
+    sim: Simulator, http: requests.Session
+) -> None:
+    iid = first(sim)
+    url = method_url(sim, "checkWhatsapp", iid)
+    r = http.post(url, json={"phoneNumber": 79001234567}, timeout=TIMEOUT)
+    assert r.status_code == 200
+    assert r.json() == {"existsWhatsapp": True, "chatId": sim.lid_of("79001234567@c.us")}
+    # the newer request field, chatId, gives the same answer
+    same = http.post(url, json={"chatId": "79001234567@c.us"}, timeout=TIMEOUT).json()
+    assert same == r.json()
+    assert http.post(url, json={"phoneNumber": "x"}, timeout=TIMEOUT).status_code == 400
+    # at most 10 a second per instance, as Green-API's rate limiter documents
+    time.sleep(1.05)
+    statuses = [
+        http.post(url, json={"phoneNumber": 79000000000 + n}, timeout=TIMEOUT).status_code
+        for n in range(12)
+    ]
+    assert statuses.count(200) == 10 and statuses[-1] == 429
+    # a plan's quota: then 466 with the documented body
+    time.sleep(1.05)
+    sim.set_check_quota(iid, 3, used=2)
+    assert http.post(url, json={"phoneNumber": 79000000001}, timeout=TIMEOUT).status_code == 200
+    over = http.post(url, json={"phoneNumber": 79000000002}, timeout=TIMEOUT)
+    assert over.status_code == 466
+    status = over.json()["invokeStatus"]
+    assert (status["method"], status["used"], status["total"], status["status"]) == (
+        "checkwhatsapp",
+        3,
+        3,
+        "QUOTE_EXCEEDED",
+    )
+    assert sim.method_count("checkWhatsapp", iid) == 17 and sim.request_count(iid) == 0
+
+
+def test_get_state_instance_plays_each_state(sim: Simulator, http: requests.Session) -> None:
+    iid = first(sim)
+    url = method_url(sim, "getStateInstance", iid)
+    assert http.get(url, timeout=TIMEOUT).json() == {"stateInstance": "authorized"}
+    for state in ("starting", "notAuthorized", "blocked", "sleepMode", "yellowCard"):
+        sim.set_state(iid, state)
+        assert http.get(url, timeout=TIMEOUT).json() == {"stateInstance": state}
+        answer = http.get(chats_url(sim, iid), timeout=TIMEOUT)
+        assert (answer.status_code, answer.text) == (400, "instance is starting or not authorized")
+    sim.set_state(iid, "starting", text=b"instance in starting process try later")
+    assert http.get(chats_url(sim, iid), timeout=TIMEOUT).text.startswith("instance in starting")
+    sim.set_state(iid, "authorized")
+    assert http.get(chats_url(sim, iid), timeout=TIMEOUT).status_code == 200
+    bad_token = f"{sim.url}/waInstance{iid}/getStateInstance/{'0' * 50}"
+    assert http.get(bad_token, timeout=TIMEOUT).status_code == 401
+
+
+@pytest.mark.parametrize("platform", ["telegram", "max"])
+def test_telegram_and_max_answers_have_their_docs_shape(
+    http: requests.Session, platform: str
+) -> None:
+    with Simulator(instances=1, chats=30, seed=4, platform=platform) as sim:
+        body = http.get(chats_url(sim, first(sim)), timeout=TIMEOUT).json()
+        assert f'platform = "{platform}"' in sim.config_toml()
+    keys = {"chatId", "name", "type", "phoneNumber", "username"}
+    assert all(
+        set(c) == (keys if platform == "telegram" else {"chatId", "phoneNumber"}) for c in body
+    )
+    assert all("id" not in c and isinstance(c["chatId"], str) for c in body)
+    groups = [c for c in body if c["chatId"].startswith("-")]
+    assert groups and all(c["phoneNumber"] == 0 for c in groups)
+    if platform == "telegram":
+        assert {c["type"] for c in groups} <= {"group", "supergroup"}

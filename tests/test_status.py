@@ -229,8 +229,13 @@ def test_status_command_table_and_json(engine: Engine, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].split()[:3] == ["instance", "label", "status"]
-    table = {int(line.split()[0]): line for line in lines[1:5]}
+    # one row per instance; a failed one is followed by an indented "what to do" line
+    rows_ = [line for line in lines[1:-1] if not line.startswith(" " * 14)]
+    table = {int(line.split()[0]): line for line in rows_}
     assert set(table) == {1, 2, 3, 4}
+    assert [line.strip() for line in lines[1:-1] if line.startswith(" " * 14)] == [
+        "what to do: check the token in the Green-API console against the instance's token source"
+    ]
     assert "Sales desk" in table[1] and " ok " in table[1]
     assert " failed " in table[2] and "unauthorized" in table[2] and "***" in table[2]
     assert " never " in table[3] and " disabled " in table[4]

@@ -452,31 +452,42 @@ def test_per_row_rejection(sim, engine, csyncer, inst):
         {"name": "no id"},
         {"id": ""},
         {"id": "   "},
-        {"id": "5@c.us", "name": 5},
-        {"id": "6@c.us", "archive": "yes"},
-        {"id": "7@c.us", "ephemeralExpiration": "86400"},
-        {"id": "8@c.us", "ephemeralExpiration": 86400, "ephemeralSettingTimestamp": 1.5},
-        {"id": "9@c.us", "type": ["user"]},
         {"id": True},
+        {"id": "null@c.us"},
         dict(good[0]),  # duplicate of the first: first wins
     ]
-    sim.set_chats(inst.id_instance, good + bad)
+    # fields in a form not understood: the chat is kept, the field treated as missing
+    tolerated = [
+        {"id": "5@c.us", "name": [5]},
+        {"id": "6@c.us", "archive": "yes"},
+        {"id": "7@c.us", "ephemeralExpiration": "86400"},  # read as 86400
+        {"id": "8@c.us", "ephemeralExpiration": 86400, "ephemeralSettingTimestamp": 1.5},
+        {"id": "9@c.us", "type": ["user"]},
+    ]
+    sim.set_chats(inst.id_instance, good + bad + tolerated)
     out = csyncer.sync(inst)
-    assert (out.status, out.chats_received, out.chats_inserted) == ("ok", 16, 3)
+    assert (out.status, out.chats_received, out.chats_inserted) == ("ok", 17, 8)
     assert out.chats_rejected == len(bad)
-    assert scalar(engine, "SELECT COUNT(*) FROM chats") == 3
-    run = rows(engine, "SELECT chats_rejected, chats_received FROM sync_runs")[0]
-    assert tuple(run) == (13, 16)
+    assert scalar(engine, "SELECT COUNT(*) FROM chats") == 8
+    run = rows(engine, "SELECT chats_rejected, chats_received, error FROM sync_runs")[0]
+    assert tuple(run)[:2] == (9, 17)
+    # what was not understood is said in the run's error, by reason and count
+    assert run.error.startswith("fields not understood (stored values kept): ")
+    for reason in ("archive has type str (1)", "ephemeralSettingTimestamp has type float (1)"):
+        assert reason in run.error
+    assert chat_row(engine, inst.id_instance, "7@c.us").ephemeral_expiration == 86400
 
 
-def test_rejected_chat_is_not_marked_removed(sim, engine, csyncer, inst):
+def test_a_chat_whose_fields_are_not_understood_is_kept_and_updated(sim, engine, csyncer, inst):
     base = chats_list(4)
     sim.set_chats(inst.id_instance, base)
     csyncer.sync(inst)
-    broken = dict(base[1], name=None, archive="maybe")
-    sim.set_chats(inst.id_instance, [base[0], broken, base[2], base[3]])
+    odd = dict(base[1], name="Renamed", archive="maybe", ephemeralExpiration=True)
+    sim.set_chats(inst.id_instance, [base[0], odd, base[2], base[3]])
     out = csyncer.sync(inst)
-    assert (out.chats_rejected, out.chats_removed) == (1, 0)
+    assert (out.chats_rejected, out.chats_removed, out.chats_updated) == (0, 0, 1)
+    row = chat_row(engine, inst.id_instance, base[1]["id"])
+    assert (row.name, row.archived, row.removed_at) == ("Renamed", False, None)
     # an element without a readable id makes the list incomplete: no removals at all
     sim.set_chats(inst.id_instance, [base[0], {"name": "who?"}])
     out = csyncer.sync(inst)

@@ -15,9 +15,10 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Final
 
+from etl.simulator import forms
 from etl.simulator.api import GreenApi, RequestLog
 from etl.simulator.chats import ChangeRates
-from etl.simulator.faults import Fault
+from etl.simulator.faults import Fault, FaultTable
 from etl.simulator.instance import Instance, Scenario
 from etl.simulator.server import Server
 
@@ -45,7 +46,14 @@ def _toml_str(value: str) -> str:
 
 
 class Simulator:
-    """A loopback Green-API server simulating ``instances`` WhatsApp instances."""
+    """A loopback Green-API server simulating ``instances`` WhatsApp (or Telegram, MAX)
+    instances.
+
+    ``platform``: the messenger every instance serves (``set_platform`` per instance);
+    ``lid_switch_at_step``: from that step on every WhatsApp instance is in LID mode
+    (``set_lid_mode`` per instance, at any time); ``check_quota``: the checkWhatsapp
+    requests each instance may make (a plan's monthly quota), then 466.
+    """
 
     def __init__(
         self,
@@ -61,6 +69,9 @@ class Simulator:
         tick_seconds: float | None = None,
         start_time: int | None = None,
         step_seconds: int | None = None,
+        platform: str = "whatsapp",
+        lid_switch_at_step: int | None = None,
+        check_quota: int | None = None,
     ) -> None:
         if instances < 0 or chats < 0:
             raise ValueError("instances and chats must be >= 0")
@@ -68,6 +79,8 @@ class Simulator:
             raise ValueError("token must be non-empty")
         if tick_seconds is not None and tick_seconds <= 0:
             raise ValueError("tick_seconds must be > 0")
+        if platform not in forms.PLATFORMS:
+            raise ValueError(f"platform must be one of {forms.PLATFORMS}")
         self._seed = seed
         self._host = host
         self._port = port
@@ -84,6 +97,9 @@ class Simulator:
             start_time=start,
             step_seconds=step_seconds,
             anchor=min(start, _TIMESTAMP_ANCHOR),
+            platform=platform,
+            lid_switch_step=lid_switch_at_step,
+            check_quota=check_quota,
         )
         self._instances: dict[int, Instance] = {}
         for id_instance in range(first_id, first_id + instances):
@@ -211,7 +227,8 @@ class Simulator:
             self._api.steps += n
 
     def chats(self, id_instance: int) -> list[dict[str, object]]:
-        """A deep copy of an instance's current payload, in activity order."""
+        """A deep copy of an instance's current payload, in activity order, as served (in
+        LID mode, with lids; on Telegram or MAX, as their elements)."""
         with self._lock:
             return self._get(id_instance).copy_chats(self._api.steps)
 
@@ -225,6 +242,53 @@ class Simulator:
         with self._lock:
             self._api.faults.set(id_instance, fault)
 
+    def set_lid_mode(self, id_instance: int, on: bool = True) -> None:
+        """Switch an instance to LID mode (or back): from its next answer, every person
+        chat that was ``…@c.us`` is listed as ``…@lid``; groups keep their ids."""
+        with self._lock:
+            self._get(id_instance).lid_mode = on
+
+    def lid_of(self, phone_id: str) -> str:
+        """The lid the simulator gives the person behind ``phone_id`` (``…@c.us``)."""
+        return forms.lid_of(phone_id, self._seed)
+
+    def set_platform(self, id_instance: int, platform: str) -> None:
+        """Serve an instance's chats as ``whatsapp``, ``telegram`` or ``max`` elements."""
+        if platform not in forms.PLATFORMS:
+            raise ValueError(f"platform must be one of {forms.PLATFORMS}")
+        with self._lock:
+            self._get(id_instance).platform = platform
+
+    def set_state(self, id_instance: int, state: str, *, text: bytes | None = None) -> None:
+        """Put an instance in a getStateInstance state (``authorized``, ``notAuthorized``,
+        ``starting``, ``blocked``, ``sleepMode``, ``yellowCard``, ...). Unless authorized,
+        getChats answers 400 with ``text`` (default: Green-API's ambiguous
+        ``instance is starting or not authorized``)."""
+        with self._lock:
+            inst = self._get(id_instance)
+            inst.state = state
+            if text is not None:
+                inst.state_text = text
+
+    def set_check_quota(self, id_instance: int, total: int | None, used: int = 0) -> None:
+        """The checkWhatsapp quota of an instance (None: unlimited), and how much is used."""
+        with self._lock:
+            inst = self._get(id_instance)
+            inst.check_quota, inst.check_used = total, used
+
+    def set_method_fault(self, id_instance: int, method: str, fault: Fault | None) -> None:
+        """A fault for ``getStateInstance`` or ``checkWhatsapp`` requests of one id."""
+        with self._lock:
+            self._api.method_faults.setdefault(method, FaultTable()).set(id_instance, fault)
+
+    def method_count(self, method: str, id_instance: int | None = None) -> int:
+        """Requests of ``method`` (``getStateInstance``, ``checkWhatsapp``) received."""
+        with self._lock:
+            counts = self._api.method_counts
+            if id_instance is None:
+                return sum(n for (m, _), n in counts.items() if m == method)
+            return counts[(method, id_instance)]
+
     def request_count(self, id_instance: int | None = None) -> int:
         """getChats requests received (all ids if None), including faulted and 401/403."""
         with self._lock:
@@ -236,6 +300,7 @@ class Simulator:
         """Clear the request counters and the request log."""
         with self._lock:
             self._api.counts.clear()
+            self._api.method_counts.clear()
             self._api.log.clear()
 
     def config_toml(self, *, interval_seconds: int = 60, database_url: str | None = None) -> str:
@@ -257,6 +322,8 @@ class Simulator:
                 f"api_token = {_toml_str(inst.token)}  # inline token (loopback simulator only)",
                 f"label = {_toml_str(f'Simulated {number}')}",
             ]
+            if inst.platform != "whatsapp":
+                lines.append(f"platform = {_toml_str(inst.platform)}")
         return "\n".join(lines) + "\n"
 
     # --- for the tests and benchmarks that reach in ----------------------------------------

@@ -46,18 +46,33 @@ def default_body(status: int) -> tuple[bytes, str]:
     if status == 400:
         return b"bad request data", TEXT
     if status == 466:
-        payload = {
+        return quota_body("getchats", 100, 100), JSON
+    return reason(status).encode(), TEXT
+
+
+def quota_body(method: str, used: int, total: int) -> bytes:
+    """A 466 body as Green-API's "466 error example body" page shows it: the method's
+    quota, and the correspondents' (chats) quota, whose description lists chat ids."""
+    return dumps(
+        {
             "invokeStatus": {
-                "status": "QUOTE_ALLOWED_EXCEEDED",
-                "description": "Monthly quota has been exceeded",
+                "method": method,
+                "used": used,
+                "total": total,
+                "status": "QUOTE_EXCEEDED",
+                "description": "Monthly quota has been exceeded. Please go to your personal "
+                "account and change the tariff to business https://console.green-api.com",
             },
             "correspondentsStatus": {
+                "method": "correspondents",
+                "used": 3,
+                "total": 3,
                 "status": "CORRESPONDENTS_QUOTE_EXCEEDED",
-                "description": "Subscribe to remove the correspondents quota",
+                "description": "Monthly quota has been exceeded. You can only send or receive "
+                "messages in chats 79001234567@c.us, 79001234568@c.us, 120363043968066561@g.us",
             },
         }
-        return dumps(payload), JSON
-    return reason(status).encode(), TEXT
+    )
 
 
 def sniff_content_type(body: bytes) -> str:

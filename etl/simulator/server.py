@@ -24,7 +24,8 @@ from etl.simulator.replies import Reply, reason
 # The package's name rather than this module's: one logger for the whole simulator.
 _log = logging.getLogger("etl.simulator")
 
-#: Request bodies up to this size are read and dropped; a larger one closes the connection.
+#: Request bodies up to this size are read (a POST's) or dropped; a larger one closes the
+#: connection.
 _MAX_DISCARD_BODY: Final = 1 << 20
 
 
@@ -95,12 +96,25 @@ class _Handler(BaseHTTPRequestHandler):
         reply = self._srv().api.handle_get(self.path)
         self._write(reply, head=False)
 
+    def do_POST(self) -> None:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= _MAX_DISCARD_BODY:
+            self.close_connection = True
+            self._write(Reply(400, b"bad request data", "text/plain"), head=False)
+            return
+        body = self.rfile.read(length) if length else b""
+        reply = self._srv().api.handle_post(self.path, body)
+        self._write(reply, head=False)
+
     def _not_found(self) -> None:
         self._discard_body()
         reply = self._srv().api.handle_other(self.path)
         self._write(reply, head=self.command == "HEAD")
 
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_found
+    do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_found
 
     def _write(self, reply: Reply, *, head: bool) -> None:
         body = reply.body

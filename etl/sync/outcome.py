@@ -30,6 +30,9 @@ class SyncOutcome:
     duration_ms: int = 0
     backoff_seconds: int | None = None
     sync_run_id: int | None = None
+    ids_changed: int = 0
+    #: getStateInstance's answer, when the tick asked it
+    instance_state: str | None = None
 
     def row(self) -> dict[str, Any]:
         """The ``sync_runs`` row (without ``id``)."""
@@ -51,4 +54,6 @@ class SyncOutcome:
             "ephemeral_changes": self.ephemeral_changes,
             "duration_ms": self.duration_ms,
             "backoff_seconds": self.backoff_seconds,
+            "ids_changed": self.ids_changed,
+            "instance_state": self.instance_state,
         }

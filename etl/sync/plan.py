@@ -19,6 +19,11 @@ The rules, for one chat of the list:
   period at the tick's clock; a chat marked removed closes its period then. A list that
   removes nothing (``count``-limited, or with an unidentifiable element) closes none, and
   an anomaly is never planned at all.
+* an element that does not say a chat's name (``""``) or archive flag keeps the stored
+  one: a name that comes and goes is not a rename each time;
+* a platform without disappearing messages (Telegram, MAX) gets no history periods;
+* a chat seen under another id (``etl.sync.identity``): an ``id_changed`` event, and the
+  id in use recorded (``IdChange``).
 """
 
 from __future__ import annotations
@@ -101,6 +106,16 @@ class PresenceClose:
 
 
 @dataclass(frozen=True, slots=True)
+class IdChange:
+    """A chat the API now names by another id: ``chats.current_chat_id`` becomes
+    ``new_id`` (NULL when it is the chat's own id again)."""
+
+    chat_id: str
+    old_id: str
+    new_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Counts:
     """The counts a tick records in ``sync_runs``."""
 
@@ -108,6 +123,7 @@ class Counts:
     updated: int = 0
     removed: int = 0
     ephemeral_changes: int = 0
+    ids_changed: int = 0
 
 
 @dataclass(slots=True)
@@ -127,13 +143,21 @@ class TickPlan:
     events: list[Event] = field(default_factory=list)
     presence_opens: list[PresenceOpen] = field(default_factory=list)
     presence_closes: list[PresenceClose] = field(default_factory=list)
+    #: chats seen under another id than last time (``add_id_changes``)
+    id_changes: list[IdChange] = field(default_factory=list)
     inserted: int = 0
     updated: int = 0
     ephemeral_changes: int = 0
 
     @property
     def counts(self) -> Counts:
-        return Counts(self.inserted, self.updated, len(self.removed), self.ephemeral_changes)
+        return Counts(
+            self.inserted,
+            self.updated,
+            len(self.removed),
+            self.ephemeral_changes,
+            len(self.id_changes),
+        )
 
     @property
     def chat_rows(self) -> list[dict[str, Any]]:
@@ -190,6 +214,8 @@ class FirstLoad:
     instance_id: int
     now: datetime
     chats: list[ChatRecord]
+    #: whether the chats get their first history period (not on Telegram or MAX)
+    history: bool = True
 
     @property
     def counts(self) -> Counts:
@@ -203,6 +229,7 @@ class FirstLoad:
             in_table=(),
             vanished=set(),
             now=self.now,
+            history=self.history,
         )
 
 
@@ -219,11 +246,24 @@ def vanished_chats(present: Set[str], decoded: DecodedChats, *, count_limited: b
     return set(present - decoded.ids - protected)
 
 
+def effective_name(chat: ChatRecord, row: StoredChat | None) -> str:
+    """The name to store: the element's, unless it is empty and a name is stored."""
+    return chat.name or (row.name if row is not None else "")
+
+
+def effective_archived(chat: ChatRecord, row: StoredChat | None) -> bool:
+    """The archive flag to store: the element's, unless it did not say (then the stored
+    one; none yet: not archived)."""
+    if chat.archive_known or row is None:
+        return chat.archived
+    return bool(row.archived)
+
+
 def chat_values(
     instance_id: int, chat: ChatRecord, now: datetime, row: StoredChat | None
 ) -> dict[str, Any]:
     """The ``chats`` row for ``chat``; a chat sent without the ephemeral fields keeps the
-    stored setting (none yet: off)."""
+    stored setting (none yet: off), without a name or flag the stored ones."""
     if chat.ephemeral_known:
         expiration, setting_at = chat.ephemeral_expiration, chat.ephemeral_setting_at
     elif row is not None:
@@ -234,8 +274,8 @@ def chat_values(
         "instance_id": instance_id,
         "chat_id": chat.chat_id,
         "chat_type": chat.chat_type,
-        "name": chat.name,
-        "archived": chat.archived,
+        "name": effective_name(chat, row),
+        "archived": effective_archived(chat, row),
         "ephemeral_expiration": expiration,
         "ephemeral_setting_at": setting_at,
         "first_seen_at": now,
@@ -258,11 +298,12 @@ def attribute_events(chat: ChatRecord, row: StoredChat, now: datetime) -> list[E
     events = []
     if row.removed_at is not None:
         events.append(Event(chat.chat_id, "reappeared", None, None, now))
-    if chat.name != row.name:
-        events.append(Event(chat.chat_id, "renamed", row.name, chat.name, now))
-    if chat.archived != row.archived:
-        kind = "archived" if chat.archived else "unarchived"
-        old, new = str(row.archived).lower(), str(chat.archived).lower()
+    name, archived = effective_name(chat, row), effective_archived(chat, row)
+    if name != row.name:
+        events.append(Event(chat.chat_id, "renamed", row.name, name, now))
+    if archived != row.archived:
+        kind = "archived" if archived else "unarchived"
+        old, new = str(bool(row.archived)).lower(), str(archived).lower()
         events.append(Event(chat.chat_id, kind, old, new, now))
     return events
 
@@ -271,9 +312,9 @@ def _changed(chat: ChatRecord, row: StoredChat, setting_changed: bool) -> bool:
     return (
         setting_changed
         or row.removed_at is not None
-        or chat.name != row.name
+        or effective_name(chat, row) != row.name
         or chat.chat_type != row.chat_type
-        or chat.archived != row.archived
+        or effective_archived(chat, row) != row.archived
     )
 
 
@@ -292,6 +333,7 @@ def plan_tick(
     in_table: Container[str],
     vanished: Set[str],
     now: datetime,
+    history: bool = True,
 ) -> TickPlan:
     """The writes of one tick.
 
@@ -299,7 +341,8 @@ def plan_tick(
     known to be unchanged); ``stored``: the stored rows of those among them that are in
     the table; ``in_table``: every chat id in the table (removed ones included), so that a
     new chat is known to need an insert rather than an upsert; ``vanished``: the chats to
-    mark removed (``vanished_chats``).
+    mark removed (``vanished_chats``); ``history``: False for a platform without
+    disappearing messages (no first periods; its chats never carry the setting).
     """
     plan = TickPlan(instance_id, now)
     new_chats: list[ChatRecord] = []
@@ -326,8 +369,17 @@ def plan_tick(
     plan.removed = sorted(vanished)
     plan.events.extend(Event(cid, "removed", None, None, now) for cid in plan.removed)
     plan.presence_closes = [PresenceClose(cid, now) for cid in plan.removed]
-    _plan_history(plan, new_chats, changes)
+    _plan_history(plan, new_chats if history else [], changes)
     return plan
+
+
+def add_id_changes(plan: TickPlan, changes: list[IdChange]) -> None:
+    """The chats of ``plan`` seen under another id: an ``id_changed`` event each (old and
+    new id), and the ids for ``chats.current_chat_id``."""
+    plan.id_changes.extend(changes)
+    plan.events.extend(
+        Event(c.chat_id, "id_changed", c.old_id, c.new_id, plan.now) for c in changes
+    )
 
 
 def _plan_history(

@@ -31,18 +31,24 @@ def register_instances(
                     instances_t.c.label,
                     instances_t.c.api_url,
                     instances_t.c.enabled,
+                    instances_t.c.platform,
                 )
             )
         }
         new_rows = []
         for inst in instances:
             row = stored.get(inst.id_instance)
-            values = {"label": inst.label, "api_url": inst.api_url, "enabled": inst.enabled}
+            values = {
+                "label": inst.label,
+                "api_url": inst.api_url,
+                "enabled": inst.enabled,
+                "platform": inst.platform,
+            }
             if row is None:
                 new_rows.append(
                     {"id_instance": inst.id_instance, "created_at": now, "updated_at": now} | values
                 )
-            elif (row.label, row.api_url, row.enabled) != tuple(values.values()):
+            elif (row.label, row.api_url, row.enabled, row.platform) != tuple(values.values()):
                 conn.execute(
                     update(instances_t)
                     .where(instances_t.c.id_instance == inst.id_instance)

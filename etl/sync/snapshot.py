@@ -14,34 +14,16 @@ from datetime import datetime
 from typing import Any
 
 from etl.payload import ChatRecord, DecodedChats
+from etl.sync.fingerprints import chat_fingerprint, fingerprint, row_fingerprint
+from etl.sync.identity import Identity
 
-
-def fingerprint(
-    chat_type: str, name: str, archived: bool, expiration: int, setting_at: datetime | None
-) -> int:
-    """The stored attributes a tick compares, as one number."""
-    return hash((chat_type, name, bool(archived), expiration, setting_at))
-
-
-def chat_fingerprint(chat: ChatRecord) -> int:
-    return fingerprint(
-        chat.chat_type,
-        chat.name,
-        chat.archived,
-        chat.ephemeral_expiration or 0,
-        chat.ephemeral_setting_at,
-    )
-
-
-def row_fingerprint(values: dict[str, Any]) -> int:
-    """The fingerprint of a ``chats`` row as a tick writes it."""
-    return fingerprint(
-        values["chat_type"],
-        values["name"],
-        values["archived"],
-        values["ephemeral_expiration"],
-        values["ephemeral_setting_at"],
-    )
+__all__ = [
+    "Snapshot",
+    "SnapshotCache",
+    "chat_fingerprint",
+    "fingerprint",
+    "row_fingerprint",
+]
 
 
 @dataclass(slots=True)
@@ -54,6 +36,8 @@ class Snapshot:
     #: ``DecodedChats.raw_hashes`` of the last list applied: its unchanged elements are
     #: not decoded again
     raw: dict[int, str] = field(default_factory=dict)
+    #: the chats' other ids and the ids in use (``etl.sync.identity``)
+    identity: Identity = field(default_factory=Identity)
 
     def add_stored(
         self,

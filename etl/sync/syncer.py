@@ -1,10 +1,12 @@
-"""One instance's sync: fetch -> decode -> plan -> store -> listeners.
+"""One instance's sync: fetch -> decode -> identify -> plan -> store -> listeners.
 
-The HTTP fetch happens outside any database transaction. The write transaction locks the
-instance and bumps its state (``Store.lock``), judges the list (``guards``), plans the
-writes against what is stored (``plan``) and hands them to the store, which writes the
-chats, the history, the events and the ``sync_runs`` row together: all of it or none.
-Ticks that queue up behind a write are written together (``group_commit``).
+The HTTP fetch happens outside any database transaction, and so do the checkWhatsapp
+lookups an id switch needs (``linking``). The write transaction locks the instance and
+bumps its state (``Store.lock``), maps the list's ids to the stored chats and judges an id
+switch (``identity``), judges the list (``guards``), plans the writes against what is
+stored (``plan``) and hands them to the store, which writes the chats, the history, the
+events, the ids and the ``sync_runs`` row together: all of it or none. Ticks that queue
+up behind a write are written together (``group_commit``).
 """
 
 from __future__ import annotations
@@ -25,15 +27,25 @@ from sqlalchemy.exc import SQLAlchemyError
 from etl.client import GreenApiClient
 from etl.clock import utcnow
 from etl.config import Instance
-from etl.errors import ErrorKind, SyncError
+from etl.errors import ApiError, ErrorKind, SyncError
 from etl.payload import ChatRecord, DecodedChats, decode_chats
 from etl.redact import redact
 from etl.sync.backlog import FailureBacklog
 from etl.sync.group_commit import GroupCommit, Queued
-from etl.sync.guards import Verdict, judge
+from etl.sync.guards import CLEAR, Verdict, judge
 from etl.sync.health import HealthBook
+from etl.sync.identify import Identified, IdStep, notes_text
+from etl.sync.identity import translate
+from etl.sync.linking import Asked, Linker
 from etl.sync.outcome import SyncOutcome
-from etl.sync.plan import FirstLoad, TickPlan, plan_tick, vanished_chats
+from etl.sync.plan import (
+    FirstLoad,
+    IdChange,
+    TickPlan,
+    add_id_changes,
+    plan_tick,
+    vanished_chats,
+)
 from etl.sync.snapshot import Snapshot, SnapshotCache
 from etl.sync.store import Locked, store_for
 
@@ -59,6 +71,8 @@ class _Pending:
     #: the fetch's outcome (started_at, http_status, attempts)
     fetched: SyncOutcome
     t0: float
+    #: the checkWhatsapp answers an id switch of this list needs (``linking``)
+    asked: Asked
 
 
 @dataclass(slots=True, eq=False)
@@ -69,6 +83,9 @@ class _Prefetch:
     snap: Snapshot
     candidates: list[ChatRecord]
     read_ids: list[str]
+    #: the list with its ids mapped to the chats of ``snap`` (``identity.translate``)
+    decoded: DecodedChats
+    changes: list[IdChange]
 
 
 class Syncer:
@@ -88,6 +105,9 @@ class Syncer:
         self.store = store_for(engine.dialect.name)
         self.health = HealthBook(monotonic)
         self.snapshots = SnapshotCache()
+        #: checkWhatsapp lookups for the ids of an id switch
+        self.linker = Linker(client)
+        self.ids = IdStep(engine, self.store, self.snapshots, self.linker, clock)
         #: failed ticks not yet in ``sync_runs`` because the database was unreachable too
         self.backlog = FailureBacklog()
         self.group: GroupCommit[_Pending, SyncOutcome] = GroupCommit(
@@ -168,18 +188,24 @@ class Syncer:
             # elements identical to the last list this process applied skip validation
             decoded_with = self.snapshots.get(instance.id_instance)
             known = decoded_with.raw if decoded_with is not None else None
-            decoded = decode_chats(fetched.body, known=known, track=True)
+            decoded = decode_chats(
+                fetched.body, known=known, track=True, platform=instance.platform
+            )
         except SyncError as exc:
             outcome.status = "failed"
             outcome.error_kind = exc.error_kind
             outcome.http_status = exc.http_status
             outcome.attempts = exc.attempts or outcome.attempts
             outcome.error = redact(exc.message)
+            if isinstance(exc, ApiError):
+                outcome.instance_state = exc.instance_state
             self._finish(outcome, t0)
             self.health.note(instance, outcome)
             self._write_failure(outcome)
             return None
-        return _Pending(instance, decoded, fetched.body, decoded_with, outcome, t0)
+        snap = decoded_with or self.ids.read_snapshot(instance)
+        asked = self.ids.ask_links(instance, decoded, snap, t0)
+        return _Pending(instance, decoded, fetched.body, decoded_with, outcome, t0, asked)
 
     # -- the write -----------------------------------------------------------------------
 
@@ -255,11 +281,12 @@ class Syncer:
             or (item.decoded.unchanged and snap is not item.decoded_with)
         ):
             return None
-        candidates = snap.candidates(item.decoded)
+        decoded, changes = translate(item.decoded, snap.identity, snap.fingerprints)
+        candidates = snap.candidates(decoded)
         ids = [c.chat_id for c in candidates if c.chat_id in snap.fingerprints]
         if not ids or len(ids) > self.store.read_chunk:
             return None
-        return _Prefetch(snap, candidates, ids)
+        return _Prefetch(snap, candidates, ids, decoded, changes)
 
     def _apply(
         self,
@@ -276,33 +303,33 @@ class Syncer:
         snap = self.snapshots.get_current(iid, locked.version)
         if snap is None:  # new to this process, or another writer wrote since
             snap = self.store.load_snapshot(conn, iid)
-        decoded = item.decoded
-        if decoded.unchanged and snap is not item.decoded_with:
-            # somebody else wrote since: "unchanged" was judged against a stale snapshot
-            decoded = decode_chats(item.body, track=True)
+            snap.identity = self.store.load_identity(conn, iid)
+        decoded, changes = self._decoded(item, snap, prefetch)
         outcome.chats_received = decoded.received
         outcome.chats_rejected = len(decoded.rejected)
-
         present = snap.present()
+        ident = self.ids.identify(conn, item.instance, item.asked, snap, present, decoded, changes)
+        if ident.hold is not None:
+            verdict = Verdict(ErrorKind.ID_SWITCH, ident.hold)
+            return self._write_anomaly(conn, item, outcome, locked, verdict, snap, ident)
+        decoded = ident.decoded
+
         vanished = vanished_chats(present, decoded, count_limited=instance.count is not None)
-        verdict = judge(
-            instance,
-            received=decoded.received,
-            present=present,
-            vanished=vanished,
-            stored=locked.guard,
-        )
+        verdict = self._judge(instance, decoded, present, vanished, locked, ident)
         if verdict.save is not None:
             self.store.save_guard_state(conn, iid, verdict.save, now)
         if verdict.confirmed is not None:
             log.warning("instance %s: %s", iid, verdict.confirmed)
         if verdict.anomaly is not None:
-            return self._write_anomaly(conn, item, outcome, locked, verdict, snap)
+            return self._write_anomaly(conn, item, outcome, locked, verdict, snap, ident)
 
         plan = self._plan(conn, item, decoded, snap, vanished, now, locked, prefetch)
+        if isinstance(plan, TickPlan) and ident.changes:
+            add_id_changes(plan, ident.changes)
         counts = plan.counts
         outcome.chats_inserted, outcome.chats_updated = counts.inserted, counts.updated
         outcome.chats_removed, outcome.ephemeral_changes = counts.removed, counts.ephemeral_changes
+        outcome.ids_changed, outcome.error = counts.ids_changed, notes_text(decoded)
         self.health.note(instance, outcome)
         run = functools.partial(self._run_row, outcome, item.t0)
         raw = decoded.raw_hashes
@@ -312,12 +339,49 @@ class Syncer:
         else:
             outcome.sync_run_id = self.store.write_tick(conn, locked, plan, run)
             written = functools.partial(snap.record_written, plan.chat_rows, plan.removed, raw)
+        aliases = {**ident.aliases, **ident.late}
+        if aliases or ident.changes:
+            self.store.write_identity(conn, iid, ident.changes, aliases, now)
 
         def after_commit() -> None:
             written()
+            snap.identity.record(ident.changes, {a: c for a, (c, _) in aliases.items()})
             self.snapshots.keep(iid, snap, locked.version)
 
         return after_commit
+
+    def _decoded(
+        self, item: _Pending, snap: Snapshot, prefetch: _Prefetch | None
+    ) -> tuple[DecodedChats, list[IdChange]]:
+        """The list with its ids mapped to ``snap``'s chats, and the chats seen under
+        another id than the one in use."""
+        decoded = item.decoded
+        if decoded.unchanged and snap is not item.decoded_with:
+            # somebody else wrote since: "unchanged" was judged against a stale snapshot
+            decoded = decode_chats(item.body, track=True, platform=item.instance.platform)
+        elif prefetch is not None and prefetch.snap is snap:
+            return prefetch.decoded, prefetch.changes
+        return translate(decoded, snap.identity, snap.fingerprints)
+
+    @staticmethod
+    def _judge(
+        instance: Instance,
+        decoded: DecodedChats,
+        present: set[str],
+        vanished: set[str],
+        locked: Locked,
+        ident: Identified,
+    ) -> Verdict:
+        """The guards; an id switch the operator accepted is not a mass removal."""
+        if ident.accepted:
+            return Verdict(save=CLEAR if locked.guard.sample is not None else None)
+        return judge(
+            instance,
+            received=decoded.received,
+            present=present,
+            vanished=vanished,
+            stored=locked.guard,
+        )
 
     def _plan(
         self,
@@ -333,13 +397,14 @@ class Syncer:
         """The tick's writes: every chat of a first load, else the chats whose
         fingerprint differs from the snapshot's, compared with their stored rows."""
         iid = item.instance.id_instance
+        history = item.instance.platform == "whatsapp"  # the others have no such setting
         if not snap.fingerprints and decoded.chats:
-            return FirstLoad(iid, now, decoded.chats)
+            return FirstLoad(iid, now, decoded.chats, history)
         if (
             prefetch is not None
             and locked.stored is not None
             and prefetch.snap is snap
-            and decoded is item.decoded
+            and decoded is prefetch.decoded
         ):  # read with the lock, against this very snapshot (``_prefetch``)
             candidates, stored = prefetch.candidates, locked.stored
         else:
@@ -353,6 +418,7 @@ class Syncer:
             in_table=snap.fingerprints,
             vanished=vanished,
             now=now,
+            history=history,
         )
 
     def _write_anomaly(
@@ -363,15 +429,25 @@ class Syncer:
         locked: Locked,
         verdict: Verdict,
         snap: Snapshot,
+        ident: Identified,
     ) -> Callable[[], None]:
-        """A tick the guards held back: only its run row is written."""
+        """A tick held back (the guards, or an id switch not linked): only its run row is
+        written, and the ids checkWhatsapp gave for chats that exist (facts, kept so that
+        they are not asked again)."""
         outcome.status = "anomaly"
         outcome.error_kind, outcome.error = verdict.anomaly, verdict.message
         self.health.note(item.instance, outcome)
         row = self._run_row(outcome, item.t0)
         outcome.sync_run_id = self.store.write_run(conn, locked, row)
         iid = item.instance.id_instance
-        return lambda: self.snapshots.keep(iid, snap, locked.version)
+        if ident.aliases:
+            self.store.write_identity(conn, iid, [], ident.aliases, self.clock())
+
+        def after_commit() -> None:
+            snap.identity.record([], {a: c for a, (c, _) in ident.aliases.items()})
+            self.snapshots.keep(iid, snap, locked.version)
+
+        return after_commit
 
     def _run_row(self, outcome: SyncOutcome, t0: float) -> dict[str, Any]:
         """The outcome's ``sync_runs`` row, ending now."""

@@ -24,7 +24,7 @@ Existing rows get ``change_seq = 1``; every later write gets a larger number, so
 incremental load from cursor 0 takes them all.
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-04 12:00:00
 """
 
@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008"
-down_revision: str | None = "0006"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -43,6 +43,7 @@ depends_on: str | Sequence[str] | None = None
 CURSOR_TABLES = (
     "instances",
     "chats",
+    "chat_aliases",
     "chat_ephemeral_history",
     "chat_events",
     "sync_runs",

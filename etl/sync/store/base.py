@@ -16,9 +16,10 @@ from typing import Any, ClassVar, cast
 from sqlalchemy import Connection, Table, and_, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from etl.models import chats_t, history_t, runs_t, state_t
+from etl.models import aliases_t, chats_t, history_t, runs_t, state_t
 from etl.sync.guards import GuardState
-from etl.sync.plan import FirstLoad, StoredChat, TickPlan
+from etl.sync.identity import Identity
+from etl.sync.plan import FirstLoad, IdChange, StoredChat, TickPlan
 from etl.sync.snapshot import Snapshot
 
 #: called with (table name, rows) for the rows a combined statement (``WITH ... INSERT``)
@@ -135,6 +136,22 @@ class Store:
             )
         )
         self.insert_run = insert(runs_t).returning(runs_t.c.id)
+        alias = self.insert(aliases_t)
+        self.upsert_aliases = alias.on_conflict_do_update(
+            index_elements=[aliases_t.c.instance_id, aliases_t.c.alias_id],
+            set_={c: alias.excluded[c] for c in ("chat_id", "source", "linked_at", "change_seq")},
+        )
+        self.set_current_id = (
+            update(chats_t)
+            .where(
+                chats_t.c.instance_id == bindparam("b_iid"),
+                chats_t.c.chat_id == bindparam("b_chat_id"),
+            )
+            .values(
+                current_chat_id=bindparam("b_current"),
+                updated_at=bindparam("b_now"),
+            )
+        )
 
     # -- the instance's lock and state --------------------------------------------------
 
@@ -200,6 +217,25 @@ class Store:
     def _read(self, conn: Connection, params: dict[str, Any]) -> Sequence[Any]:
         return conn.execute(self.load_rows_stmt, params).all()
 
+    def state_version(self, conn: Connection, iid: int) -> int:
+        """The instance's state version as stored (0 before its first tick)."""
+        version = conn.execute(
+            select(state_t.c.version).where(state_t.c.instance_id == iid)
+        ).scalar()
+        return int(version or 0)
+
+    def load_identity(self, conn: Connection, iid: int) -> Identity:
+        """The instance's aliases, and the ids in use that are not the chats' own."""
+        aliases = conn.execute(
+            select(aliases_t.c.alias_id, aliases_t.c.chat_id).where(aliases_t.c.instance_id == iid)
+        )
+        current = conn.execute(
+            select(chats_t.c.chat_id, chats_t.c.current_chat_id).where(
+                chats_t.c.instance_id == iid, chats_t.c.current_chat_id.is_not(None)
+            )
+        )
+        return Identity(aliases={a: c for a, c in aliases}, current={c: cur for c, cur in current})
+
     def recent_runs(self, conn: Connection, iid: int, limit: int = 64) -> Sequence[Any]:
         """The instance's latest runs, newest first: ``status, error_kind, started_at``."""
         return conn.execute(
@@ -224,6 +260,63 @@ class Store:
     ) -> int:
         """A first load; by default the same writes as any tick."""
         return self.write_tick(conn, locked, load.expand(), run)
+
+    def write_identity(
+        self,
+        conn: Connection,
+        iid: int,
+        changes: Sequence[IdChange],
+        aliases: dict[str, tuple[str, str]],
+        now: datetime,
+    ) -> None:
+        """After a tick's chats are written: the aliases learnt (alias -> (chat, source))
+        and the ids now in use (``current_chat_id``; each one is the chat's own id or an
+        alias, stored before or among ``aliases``)."""
+        # the incremental cursor moves with the rows (docs/queries.md#incremental-loads)
+        seq = self.change_seq(conn) if aliases or changes else None
+        if aliases:
+            conn.execute(
+                self.upsert_aliases.values(change_seq=seq),
+                [
+                    {
+                        "instance_id": iid,
+                        "alias_id": a,
+                        "chat_id": c,
+                        "source": src,
+                        "linked_at": now,
+                    }
+                    for a, (c, src) in aliases.items()
+                ],
+            )
+        if changes:
+            conn.execute(
+                self.set_current_id.values(change_seq=seq),
+                [
+                    {
+                        "b_iid": iid,
+                        "b_chat_id": c.chat_id,
+                        "b_current": None if c.new_id == c.chat_id else c.new_id,
+                        "b_now": now,
+                    }
+                    for c in changes
+                ],
+            )
+
+    def take_switch_acceptance(self, conn: Connection, iid: int, since: datetime) -> bool:
+        """Whether the operator accepted an unlinked id switch (``etl ids accept``) at or
+        after ``since``; the acceptance is used up by the tick that asks (an older one has
+        lapsed: it was meant for a switch that is over)."""
+        accepted = conn.execute(
+            update(state_t)
+            .where(
+                state_t.c.instance_id == iid,
+                state_t.c.id_switch_accepted_at.is_not(None),
+                state_t.c.id_switch_accepted_at >= since,
+            )
+            .values(id_switch_accepted_at=None)
+            .returning(state_t.c.instance_id)
+        ).first()
+        return accepted is not None
 
     def write_failure(self, conn: Connection, row: dict[str, Any]) -> int:
         """The run row of a failed tick, in a transaction of its own; returns its id."""

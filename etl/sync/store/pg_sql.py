@@ -274,9 +274,16 @@ def first_load_statement(load: FirstLoad, run_id: int) -> CteStatement:
     w = CteStatement()
     w.add("v", None, f"MATERIALIZED ({_FIRST_LOAD_CHATS})", orjson.dumps(load.chats).decode())
     w.add("c", "chats", _FIRST_LOAD_INSERT_CHATS, iid, now, now)
-    w.add(
-        "h", "chat_ephemeral_history", _FIRST_LOAD_HISTORY, iid, now + MAX_CLOCK_SKEW, now, run_id
-    )
+    if load.history:  # not on a platform without disappearing messages
+        w.add(
+            "h",
+            "chat_ephemeral_history",
+            _FIRST_LOAD_HISTORY,
+            iid,
+            now + MAX_CLOCK_SKEW,
+            now,
+            run_id,
+        )
     w.add("e", "chat_events", _FIRST_LOAD_EVENTS, iid, now, run_id)
     w.add("p", "chat_presence", _FIRST_LOAD_PRESENCE, iid, now, run_id)
     return w

@@ -1,0 +1,37 @@
+"""The stored attributes a tick compares, as one number per chat (``Snapshot``), and the
+test that a chat under a new id looks exactly like a stored one (``identity``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from etl.payload import ChatRecord
+
+
+def fingerprint(
+    chat_type: str, name: str, archived: bool, expiration: int, setting_at: datetime | None
+) -> int:
+    """The stored attributes a tick compares, as one number."""
+    return hash((chat_type, name, bool(archived), expiration, setting_at))
+
+
+def chat_fingerprint(chat: ChatRecord) -> int:
+    return fingerprint(
+        chat.chat_type,
+        chat.name,
+        chat.archived,
+        chat.ephemeral_expiration or 0,
+        chat.ephemeral_setting_at,
+    )
+
+
+def row_fingerprint(values: dict[str, Any]) -> int:
+    """The fingerprint of a ``chats`` row as a tick writes it."""
+    return fingerprint(
+        values["chat_type"],
+        values["name"],
+        values["archived"],
+        values["ephemeral_expiration"],
+        values["ephemeral_setting_at"],
+    )
