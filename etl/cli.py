@@ -29,6 +29,7 @@ from etl.db import (
 )
 from etl.demo import run_demo
 from etl.errors import EtlError
+from etl.leases import LeaseManager
 from etl.logs import setup_logging
 from etl.metrics import Metrics
 from etl.progress import ProgressLine
@@ -155,7 +156,7 @@ def db() -> None:
 
 
 def _engine(cfg: AppConfig) -> Engine:
-    return make_engine(cfg.database_url)
+    return make_engine(cfg.database_url, prepare_threshold=cfg.database.psycopg_prepare_threshold)
 
 
 @db.command("upgrade")
@@ -248,7 +249,11 @@ def _prepare(cfg: AppConfig, only: Sequence[int] = ()) -> tuple[Engine, list[Ins
         if unknown:
             raise EtlError(f"not in the config: {', '.join(map(str, sorted(unknown)))}")
         instances = [i for i in instances if i.id_instance in only]
-    engine = make_engine(cfg.database_url, pool_size=cfg.scheduler.max_workers)
+    engine = make_engine(
+        cfg.database_url,
+        pool_size=cfg.scheduler.max_workers,
+        prepare_threshold=cfg.database.psycopg_prepare_threshold,
+    )
     require_current_schema(engine)
     register_instances(engine, cfg.instances)
     return engine, instances
@@ -367,9 +372,16 @@ def run_cmd(workers: int | None, http_port: int | None, no_http: bool) -> None:
     client = GreenApiClient(pool_maxsize=max_workers)
     http = not no_http and (cfg.http.enabled or http_port is not None)
     metrics = Metrics(per_instance=cfg.http.per_instance_metrics) if http else None
+    leases = LeaseManager(
+        engine,
+        instances,
+        heartbeat_seconds=cfg.scheduler.heartbeat_seconds,
+        lease_seconds=cfg.scheduler.lease_seconds,
+    )
     daemon = Daemon(
         syncer=Syncer(engine, client),
         instances=instances,
+        leases=leases,
         max_workers=max_workers,
         shutdown_timeout=cfg.scheduler.shutdown_timeout_seconds,
         metrics=metrics,

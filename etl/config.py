@@ -121,6 +121,33 @@ class InstanceConfig(_Strict):
 class SchedulerSettings(_Strict):
     max_workers: Annotated[int, Field(ge=1, le=256)] = 8
     shutdown_timeout_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    #: several replicas on PostgreSQL: how often each renews its lease and claims work
+    #: (default: a quarter of the shortest interval, between 0.5 and 10 s)
+    heartbeat_seconds: Annotated[float, Field(gt=0, le=300)] | None = None
+    #: how long a replica's lease lasts unrenewed before its instances are taken over
+    #: (default: three heartbeats)
+    lease_seconds: Annotated[float, Field(gt=0, le=3600)] | None = None
+
+    @model_validator(mode="after")
+    def _lease_outlasts_heartbeats(self) -> SchedulerSettings:
+        beat, lease = self.heartbeat_seconds, self.lease_seconds
+        if beat is not None and lease is not None and lease < 2 * beat:
+            raise ValueError("lease_seconds must be at least twice heartbeat_seconds")
+        return self
+
+
+class DatabaseSettings(_Strict):
+    """How the daemon talks to its database."""
+
+    #: PostgreSQL: psycopg prepares a statement on the server once it has run this many
+    #: times; "off" never prepares, for PgBouncer in transaction mode before 1.21 (a
+    #: prepared statement would be looked for on another server connection)
+    prepare_threshold: Annotated[int, Field(ge=0, le=1_000_000)] | Literal["off"] = 5
+
+    @property
+    def psycopg_prepare_threshold(self) -> int | None:
+        """The value for psycopg (None: never prepare)."""
+        return None if self.prepare_threshold == "off" else self.prepare_threshold
 
 
 class HttpSettings(_Strict):
@@ -145,6 +172,7 @@ class FileConfig(_Strict):
     """The TOML file, as written by the user."""
 
     database_url: str | None = None
+    database: DatabaseSettings = DatabaseSettings()
     defaults: Defaults = Defaults()
     scheduler: SchedulerSettings = SchedulerSettings()
     http: HttpSettings = HttpSettings()
@@ -192,6 +220,7 @@ class AppConfig:
     source: Path | None
     http: HttpSettings = HttpSettings()
     retention: RetentionSettings = RetentionSettings()
+    database: DatabaseSettings = DatabaseSettings()
 
 
 def _error_location(err: Any, raw: dict[str, Any]) -> str:
@@ -359,4 +388,5 @@ def load_config(
         source=path if path.exists() else None,
         http=file_config.http,
         retention=file_config.retention,
+        database=file_config.database,
     )

@@ -137,8 +137,14 @@ PG_CONNECT_DEFAULTS: dict[str, Any] = {
 }
 
 
-def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
-    """An engine with this project's settings for SQLite or PostgreSQL."""
+def make_engine(
+    url: str, *, pool_size: int = 10, echo: bool = False, prepare_threshold: int | None = 5
+) -> Engine:
+    """An engine with this project's settings for SQLite or PostgreSQL.
+
+    ``prepare_threshold``: psycopg prepares a statement on the server once it has run this
+    many times (its default); None never prepares, for PgBouncer in transaction mode before
+    1.21, which hands each transaction to any server connection."""
     url = normalise_url(url)
     backend = make_url(url).get_backend_name()
     if backend == "sqlite":
@@ -148,6 +154,7 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
         return engine
     query = make_url(url).query
     connect_args = {k: v for k, v in PG_CONNECT_DEFAULTS.items() if k not in query}
+    connect_args["prepare_threshold"] = prepare_threshold
     return create_engine(
         url,
         echo=echo,

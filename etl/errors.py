@@ -68,6 +68,7 @@ class ErrorKind(StrEnum):
     BAD_PAYLOAD = "bad_payload"
     WRONG_PLATFORM = "wrong_platform"
     DATABASE = "database"
+    LEASE_LOST = "lease_lost"
     EMPTY_RESPONSE = "empty_response"
     MASS_REMOVAL = "mass_removal"
     ID_SWITCH = "id_switch"
@@ -213,6 +214,15 @@ ERROR_KINDS: dict[ErrorKind, KindInfo] = {
         False,
         Backoff.NEVER,
         "check the database; the failed ticks are written once it answers",
+    ),
+    ErrorKind.LEASE_LOST: KindInfo(
+        _F,
+        "several replicas: this replica's claim on the instance was no longer held when it "
+        "wrote (it stalled, and another replica took the instance over); nothing applied",
+        False,
+        Backoff.NEVER,
+        "nothing: the new owner syncs the instance; if it recurs, look for what stalls the "
+        "replica (CPU, memory, a paused VM) or lengthen `lease_seconds`",
     ),
     ErrorKind.EMPTY_RESPONSE: KindInfo(
         _A,

@@ -84,7 +84,7 @@ def link_ids(
     report = LinkReport()
     store = store_for(engine.dialect.name)
     with engine.begin() as conn:
-        store.lock(conn, instance_id, now, None)
+        store.lock(conn, instance_id, now, None, None)
         identity = store.load_identity(conn, instance_id)
         stored = set(
             conn.execute(select(chats_t.c.chat_id).where(chats_t.c.instance_id == instance_id))
@@ -124,7 +124,7 @@ def accept_switch(engine: Engine, instance_id: int, *, now: datetime) -> None:
     _platform(engine, instance_id)
     store = store_for(engine.dialect.name)
     with engine.begin() as conn:
-        store.lock(conn, instance_id, now, None)
+        store.lock(conn, instance_id, now, None, None)
         conn.execute(
             update(state_t)
             .where(state_t.c.instance_id == instance_id)

@@ -19,10 +19,11 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from etl.config import Instance
+from etl.leases import LeaseManager
 from etl.status import InstanceStatus
 from etl.sync import Syncer, SyncOutcome
 
@@ -72,6 +73,27 @@ class _InstanceGauges(Collector):
         yield from (success, failing, count)
 
 
+class _LeaseGauges(Collector):
+    """Several replicas: what this replica owns, and what coordinating cost it."""
+
+    def __init__(self, leases: LeaseManager) -> None:
+        self.leases = leases
+
+    def collect(self) -> Iterator[Metric]:
+        owned = GaugeMetricFamily(
+            "chatsync_instances_owned", "Instances this replica owns (leases on PostgreSQL)"
+        )
+        owned.add_metric([], len(self.leases.owned))
+        statements = CounterMetricFamily(
+            "chatsync_lease_statements",
+            "Statements sent to coordinate with other replicas, by kind",
+            labels=["kind"],
+        )
+        for kind, n in sorted(self.leases.statements.items()):
+            statements.add_metric([kind], n)
+        yield from (owned, statements)
+
+
 class Metrics:
     """The daemon's metrics; ``observe`` is the ``Syncer`` listener."""
 
@@ -102,7 +124,7 @@ class Metrics:
             "Disappearing-message setting changes of known chats",
             registry=r,
         )
-        self.instances = Gauge("chatsync_instances", "Instances scheduled", registry=r)
+        self.instances = Gauge("chatsync_instances", "Instances configured and enabled", registry=r)
         self._gauges = _InstanceGauges(per_instance)
         r.register(self._gauges)
         self._syncer: Syncer | None = None
@@ -113,6 +135,11 @@ class Metrics:
         """Observe every sync of ``syncer`` (consecutive failures come from it too)."""
         self._syncer = syncer
         syncer.listeners.append(self.observe)
+
+    def attach_leases(self, leases: LeaseManager) -> None:
+        """Report what the replica owns and its coordination statements."""
+        if leases.enabled:
+            self.registry.register(_LeaseGauges(leases))
 
     def observe(self, instance: Instance, outcome: SyncOutcome) -> None:
         """The listener: count one finished sync."""

@@ -306,10 +306,12 @@ class ChatEvent(Base):
 
 
 class InstanceSyncState(Base):
-    """Per-instance memory between ticks: the mass-removal confirmation streak, and the
-    lease that lets several replicas share one PostgreSQL (one replica per instance)."""
+    """Per-instance memory between ticks: the mass-removal confirmation streak, when the
+    instance is due and how it is failing (so that any replica, or a restart, honours its
+    backoff), and which replica owns it under which fencing epoch (``etl/leases.py``)."""
 
     __tablename__ = "instance_sync_state"
+    __table_args__ = (Index("ix_instance_sync_state_lease_owner", "lease_owner"),)
 
     instance_id: Mapped[int] = mapped_column(
         BigInteger, ForeignKey("instances.id_instance"), primary_key=True
@@ -317,12 +319,21 @@ class InstanceSyncState(Base):
     pending_removal_digest: Mapped[str | None] = mapped_column(Text)
     pending_removal_streak: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime]
+    #: the replica that owns the instance (``replicas.replica_id``); its lease is the
+    #: replica's (``replicas.lease_until``)
     lease_owner: Mapped[str | None] = mapped_column(Text)
-    lease_until: Mapped[datetime | None]
+    #: the fencing token: bumped whenever the instance changes hands; a write made under
+    #: an older epoch is refused
+    lease_epoch: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     #: bumped by every applied tick; lets a process trust its cached fingerprints
     version: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     #: set by ``etl ids accept``: the next tick applies an id switch no link explains
     id_switch_accepted_at: Mapped[datetime | None]
+    #: when the next tick is due: one interval after the last, or later while backing off
+    next_due_at: Mapped[datetime | None]
+    #: failed ticks in a row, and the kind of the last one (the backoff's inputs)
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    failure_kind: Mapped[str | None] = mapped_column(Text)
 
 
 class Replica(Base):
@@ -335,6 +346,9 @@ class Replica(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime]
     heartbeat_at: Mapped[datetime]
+    #: the replica's lease on every instance it owns: renewed by each heartbeat; once it
+    #: has passed, the instances are free to be claimed by another replica
+    lease_until: Mapped[datetime | None]
 
 
 # The tables as SQLAlchemy Core sees them, for the statements that do not go through the ORM.

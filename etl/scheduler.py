@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -12,34 +13,46 @@ from datetime import datetime, timedelta
 from types import FrameType
 
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy.exc import SQLAlchemyError
 
 from etl.clock import utcnow
 from etl.config import Instance, RetentionSettings
-from etl.leases import LeaseManager
+from etl.errors import ErrorKind
+from etl.leases import Held, LeaseManager
 from etl.metrics import Metrics
 from etl.retention import prune_sync_runs
 from etl.sync import Syncer, SyncOutcome
+from etl.sync.store import Claim
 
 log = logging.getLogger(__name__)
 
 
-def stagger_offsets(instances: Sequence[Instance]) -> dict[int, float]:
-    """Spread first runs evenly over each interval so a fleet does not fire at once."""
+def stagger_offsets(instances: Sequence[Instance], spread: float | None = None) -> dict[int, float]:
+    """Spread first runs evenly over ``spread`` seconds (None: each instance's interval,
+    per interval) so that a fleet does not fire at once."""
     by_interval: dict[int, list[Instance]] = {}
     for inst in instances:
         by_interval.setdefault(inst.interval_seconds, []).append(inst)
     offsets: dict[int, float] = {}
     for interval, group in by_interval.items():
+        window = interval if spread is None else min(spread, interval)
         for i, inst in enumerate(group):
-            offsets[inst.id_instance] = interval * i / len(group)
+            offsets[inst.id_instance] = window * i / len(group)
     return offsets
 
 
+def _late(held: Held, now: datetime) -> bool:
+    """Due already, or never synced."""
+    return held.next_due_at is None or held.next_due_at <= now
+
+
 class Daemon:
-    """Runs every enabled instance on its interval until ``stop()`` or a signal."""
+    """Runs every enabled instance this process owns on its interval until ``stop()`` or a
+    signal. Alone (SQLite) it owns them all; with several replicas on PostgreSQL, the
+    ones its ``LeaseManager`` has claimed: jobs come and go with the leases."""
 
     def __init__(
         self,
@@ -55,6 +68,7 @@ class Daemon:
     ) -> None:
         self.syncer = syncer
         self.instances = [i for i in instances if i.enabled]
+        self.by_id = {i.id_instance: i for i in self.instances}
         self.leases = leases if leases is not None else LeaseManager(syncer.engine, self.instances)
         self.shutdown_timeout = shutdown_timeout
         self.scheduler = BackgroundScheduler(
@@ -63,9 +77,9 @@ class Daemon:
                 # the liveness beat has a thread of its own: busy sync workers are not a hang
                 "liveness": ThreadPoolExecutor(max_workers=1),
                 # so has the replica heartbeat: in the sync pool it would wait behind a
-                # backlog of syncs (a large fleet's first loads) for longer than the other
-                # replicas count it alive; retention, which may take minutes, neither holds
-                # a sync worker nor delays the heartbeat
+                # backlog of syncs (a large fleet's first loads) for longer than the lease
+                # lasts; retention, which may take minutes, neither holds a sync worker nor
+                # delays the heartbeat
                 "replica": ThreadPoolExecutor(max_workers=1),
                 "maintenance": ThreadPoolExecutor(max_workers=1),
             },
@@ -78,6 +92,7 @@ class Daemon:
         self.metrics = metrics
         if metrics is not None:
             metrics.attach(syncer)
+            metrics.attach_leases(self.leases)
             metrics.set_instances(len(self.instances))
         self.retention = retention
         self.liveness_seconds = liveness_seconds
@@ -85,62 +100,50 @@ class Daemon:
         self.beat_at: float | None = None
 
     def _job(self, instance: Instance) -> SyncOutcome | None:
-        if not self.syncer.due(instance):
-            log.debug("instance %s: backing off, tick skipped", instance.id_instance)
-            return None
-        try:
-            if not self.leases.claim(instance):
-                log.debug("instance %s: synced by another replica", instance.id_instance)
+        iid = instance.id_instance
+        claim: Claim | None = None
+        if self.leases.enabled:
+            claim = self.leases.claim(iid)
+            if claim is None:
+                self._not_held(instance)
                 return None
-        except SQLAlchemyError as exc:
-            reason = type(exc).__name__
-            if instance.id_instance in self.leases.owned:
-                # ours until now: the tick is lost to the outage and goes into sync_runs
-                # (written once the database answers); another replica's is not ours to count
-                lost = self.syncer.unreachable_outcome(
-                    instance, f"could not claim the lease: {reason}"
-                )
-                self.syncer.defer_failure(lost, reason)
-            else:
-                log.warning(
-                    "instance %s: could not claim the lease (%s); tick skipped",
-                    instance.id_instance,
-                    reason,
-                )
+        if not self.syncer.due(instance):
+            log.debug("instance %s: backing off, tick skipped", iid)
             return None
         try:
-            outcome = self.syncer.sync(instance)
+            outcome = self.syncer.sync(instance, claim)
         except Exception:  # never let one tick kill the job or the daemon
-            log.exception("instance %s: unexpected error in sync", instance.id_instance)
+            log.exception("instance %s: unexpected error in sync", iid)
             return None
+        if outcome.error_kind == ErrorKind.LEASE_LOST:
+            self.leases.lost(iid)
+            self._unschedule([iid])
         with self._ticks_lock:
             self.ticks += 1
         return outcome
 
+    def _not_held(self, instance: Instance) -> None:
+        """A tick of an instance whose lease this replica cannot vouch for now."""
+        iid = instance.id_instance
+        reason = self.leases.unreachable
+        if iid in self.leases.owned and reason is not None:
+            # ours until now: the tick is lost to the outage and goes into sync_runs
+            # (written once the database answers); it does not call the API
+            lost = self.syncer.unreachable_outcome(instance, f"could not renew the lease: {reason}")
+            self.syncer.defer_failure(lost, reason)
+        else:
+            # handed over, or this replica stalled and has not heard back yet: its next
+            # heartbeat says which instances it still owns
+            log.debug("instance %s: lease not confirmed; tick skipped", iid)
+
     def start(self, *, now: datetime | None = None) -> None:
         now = now or utcnow()
         try:
-            self.syncer.restore_backoff(self.instances)
+            self.leases.start()
         except SQLAlchemyError as exc:  # the database may be down right now; start anyway
-            log.warning("could not read past failures to resume backoff: %s", type(exc).__name__)
-        offsets = stagger_offsets(self.instances)
-        for inst in self.instances:
-            self.scheduler.add_job(
-                self._job,
-                IntervalTrigger(
-                    seconds=inst.interval_seconds,
-                    start_date=now + timedelta(seconds=0.2 + offsets[inst.id_instance]),
-                    timezone="UTC",
-                ),
-                args=[inst],
-                id=f"sync-{inst.id_instance}",
-                name=f"getChats {inst.id_instance}",
-                max_instances=1,
-                coalesce=True,
-                misfire_grace_time=inst.interval_seconds,
-            )
+            log.warning("could not prepare the instances' state rows: %s", type(exc).__name__)
         if self.leases.enabled:
-            self._heartbeat()
+            self._heartbeat(now)  # the first claims, scheduled before the scheduler starts
             self.scheduler.add_job(
                 self._heartbeat,
                 IntervalTrigger(seconds=self.leases.heartbeat_seconds, timezone="UTC"),
@@ -149,6 +152,8 @@ class Daemon:
                 max_instances=1,
                 coalesce=True,
             )
+        else:
+            self._own_all(now)
         self.scheduler.add_job(
             self._beat,
             IntervalTrigger(seconds=self.liveness_seconds, timezone="UTC"),
@@ -174,6 +179,109 @@ class Daemon:
         self.scheduler.start()
         self._beat()
         log.info("scheduler started: %d instances", len(self.instances))
+
+    # -- which instances are scheduled ---------------------------------------------------
+
+    def _own_all(self, now: datetime) -> None:
+        """No leases (one process): every instance, from where its state row says it is
+        due, its backoff resumed."""
+        held = [Held(i.id_instance, 0, None) for i in self.instances]
+        try:
+            health = self.syncer.restore_backoff(self.instances)
+            held = [
+                Held(i.id_instance, 0, *health.get(i.id_instance, (None, 0)))
+                for i in self.instances
+            ]
+        except SQLAlchemyError as exc:  # the database may be down right now; start anyway
+            log.warning("could not read past failures to resume backoff: %s", type(exc).__name__)
+        self._schedule(held, now, spread=None)
+
+    def _schedule(self, held: Sequence[Held], now: datetime, *, spread: float | None) -> None:
+        """A job per instance, first run when it is due. So that a fleet does not fire at
+        once, the ones never synced are spread evenly over their interval, and the ones due
+        already over ``spread`` seconds (None: their interval too)."""
+        ours = [h for h in held if h.instance_id in self.by_id]
+        new = [self.by_id[h.instance_id] for h in ours if h.next_due_at is None]
+        late = [self.by_id[h.instance_id] for h in ours if _late(h, now) and h.next_due_at]
+        offsets = stagger_offsets(new) | stagger_offsets(late, spread)
+        for h in held:
+            inst = self.by_id.get(h.instance_id)
+            if inst is None:
+                continue
+            interval = timedelta(seconds=inst.interval_seconds)
+            if h.instance_id in offsets:
+                first = now + timedelta(seconds=0.2 + offsets[h.instance_id])
+            elif h.failures:  # backing off: as late as the backoff says
+                assert h.next_due_at is not None
+                first = h.next_due_at
+            else:  # due one interval after its last tick, by the interval configured now
+                assert h.next_due_at is not None
+                first = min(h.next_due_at, now + interval)
+            self.scheduler.add_job(
+                self._job,
+                IntervalTrigger(seconds=inst.interval_seconds, start_date=first, timezone="UTC"),
+                args=[inst],
+                id=f"sync-{inst.id_instance}",
+                name=f"getChats {inst.id_instance}",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=inst.interval_seconds,
+                replace_existing=True,
+            )
+
+    def _unschedule(self, instance_ids: Sequence[int]) -> None:
+        """Stop scheduling instances this replica no longer owns, and forget them."""
+        for iid in instance_ids:
+            with contextlib.suppress(JobLookupError):
+                self.scheduler.remove_job(f"sync-{iid}")
+            self.syncer.release(iid)
+
+    def _heartbeat(self, now: datetime | None = None) -> None:
+        """Renew the lease; schedule what was claimed, drop what was lost, hand back what
+        is above the fair share."""
+        started = time.monotonic()
+        try:
+            beat = self.leases.beat()
+        except SQLAlchemyError as exc:
+            log.warning("replica heartbeat failed: %s", type(exc).__name__)
+            return
+        took = time.monotonic() - started
+        if took > self.leases.heartbeat_seconds:
+            log.warning(
+                "replica heartbeat took %.1f s (its interval is %.1f s)",
+                took,
+                self.leases.heartbeat_seconds,
+            )
+        if beat.lost:
+            self._unschedule(beat.lost)
+        if beat.gained:
+            now = now or utcnow()
+            for h in beat.gained:
+                inst = self.by_id.get(h.instance_id)
+                if inst is not None:
+                    self.syncer.adopt(inst, h.failures, h.failure_kind, h.next_due_at, now)
+            self._schedule(beat.gained, now, spread=self.leases.heartbeat_seconds)
+        if beat.excess:
+            self._hand_back(beat.excess)
+
+    def _hand_back(self, n: int) -> None:
+        """Release ``n`` instances to the other replicas: the ones not syncing now whose
+        next tick is furthest away (they were just synced)."""
+        candidates = []
+        for iid in self.leases.owned:
+            job = self.scheduler.get_job(f"sync-{iid}")
+            if job is not None and not self.syncer.syncing(iid):
+                candidates.append((job.next_run_time, iid))
+        chosen = [iid for _, iid in sorted(candidates, reverse=True)[:n]]
+        if not chosen:
+            return
+        self._unschedule(chosen)
+        try:
+            self.leases.release(chosen)
+        except SQLAlchemyError as exc:
+            # still ours in the database: its lease renews them, and a replica whose lease
+            # passed adopts them back when it reconciles
+            log.warning("could not hand instances back: %s", type(exc).__name__)
 
     def _beat(self) -> None:
         self.beat_at = time.monotonic()
@@ -203,12 +311,6 @@ class Daemon:
             log.warning("retention: pruning sync_runs failed: %s", type(exc).__name__)
         except Exception:  # never let it kill the job
             log.exception("retention: unexpected error")
-
-    def _heartbeat(self) -> None:
-        try:
-            self.leases.heartbeat()
-        except SQLAlchemyError as exc:
-            log.warning("replica heartbeat failed: %s", type(exc).__name__)
 
     def stop(self) -> bool:
         """Stop taking work; wait (bounded) for running syncs. True if they all finished."""

@@ -84,8 +84,9 @@ def test_three_replicas_share_the_fleet_and_take_over(pg_url: str, tmp_path: Pat
                 owners = dict(
                     conn.execute(
                         text(
-                            "SELECT lease_owner, COUNT(*) FROM instance_sync_state "
-                            "WHERE lease_until > now() GROUP BY lease_owner"
+                            "SELECT s.lease_owner, COUNT(*) FROM instance_sync_state s "
+                            "JOIN replicas r ON r.replica_id = s.lease_owner "
+                            "WHERE r.lease_until > now() GROUP BY s.lease_owner"
                         )
                     ).all()
                 )

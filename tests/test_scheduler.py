@@ -15,12 +15,12 @@ from typing import IO, Any, cast
 
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import Engine, Table, create_engine, select
+from sqlalchemy import Engine, Table, create_engine, select, text
 
 from etl.client import GreenApiClient
 from etl.config import Instance
 from etl.db import downgrade, make_engine, upgrade
-from etl.leases import LeaseManager
+from etl.leases import Beat, LeaseManager
 from etl.models import SyncRun
 from etl.scheduler import Daemon, stagger_offsets
 from etl.simulator import Fault, Simulator
@@ -179,9 +179,10 @@ class CountingLeases(LeaseManager):
         super().__init__(*args, **kwargs)
         self.beats: list[float] = []
 
-    def heartbeat(self) -> None:
-        super().heartbeat()
+    def beat(self) -> Beat:
+        done = super().beat()
         self.beats.append(time.time())  # the clock of sync_runs' timestamps
+        return done
 
 
 @pytest.mark.parametrize(
@@ -311,6 +312,16 @@ def _config(tmp_path: Path, sim: Simulator) -> Path:
     return path
 
 
+def _due_now(engine: Engine, iid: int) -> None:
+    """Make the instance due at once: a daemon starts an instance's ticks when its state
+    row says the next one is due (one interval after the sync just made)."""
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE instance_sync_state SET next_due_at = NULL WHERE instance_id = :i"),
+            {"i": iid},
+        )
+
+
 class Daemonproc:
     """``python -m etl run`` in the background, stderr to a file."""
 
@@ -410,6 +421,7 @@ def test_second_signal_exits_at_once(
     inst = make_instance(one_sim, iid)
     register_instances(db_engine, [inst])
     assert Syncer(db_engine, fast_client).sync(inst).status == "ok"  # some data to protect
+    _due_now(db_engine, iid)
     one_sim.step(5)
     one_sim.set_fault(iid, Fault(delay=8.0))
     d = daemon_proc(_config(tmp_path, one_sim), db_url)

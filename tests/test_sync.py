@@ -760,7 +760,7 @@ def test_a_tick_that_waits_for_the_lock_judges_the_rows_written_meanwhile(
     def writer() -> None:
         with engine.begin() as conn:
             if engine.dialect.name == "postgresql":
-                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s, %s)", instance_lock_key(iid))
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (instance_lock_key(iid),))
             conn.execute(
                 text("UPDATE chats SET name = 'by B' WHERE chat_id = :c"), {"c": original[5]["id"]}
             )

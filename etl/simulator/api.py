@@ -17,6 +17,7 @@ quota, past which it answers 466 with the documented body).
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import threading
@@ -33,6 +34,8 @@ from etl.simulator.encoding import dumps
 from etl.simulator.faults import Fault, FaultTable, fault_reply
 from etl.simulator.instance import Instance, Scenario
 from etl.simulator.replies import JSON, TEXT, Reply, quota_body
+
+_log = logging.getLogger("etl.simulator")
 
 #: ``/waInstance{id}/{method}/{token}``
 _PATH_RE: Final = re.compile(r"^/waInstance(\d{1,19})/([^/]+)/([^/]+)$")
@@ -115,6 +118,19 @@ class GreenApi:
             "getStateInstance": self._get_state,
         }
         self._posts: dict[str, _Post] = {"checkWhatsapp": self._check_whatsapp}
+        #: called by the server with each request's log entry once its answer is on the
+        #: wire (tests act at that instant, e.g. stop the process that asked)
+        self.answered: list[Callable[[RequestLog], None]] = []
+
+    def notify_answered(self, reply: Reply) -> None:
+        """Run the ``answered`` hooks for a reply just written (errors are logged)."""
+        if not self.answered or not isinstance(reply.logged, RequestLog):
+            return
+        for hook in list(self.answered):
+            try:
+                hook(reply.logged)
+            except Exception:
+                _log.exception("simulator: an answered hook failed")
 
     # --- routing -------------------------------------------------------------------------
 
@@ -254,6 +270,7 @@ class GreenApi:
         entry = RequestLog(
             id_instance, redact(path), reply.status, count, time.monotonic(), reply.served, method
         )
+        reply.logged = entry
         with self.lock:
             self.log.append(entry)
 

@@ -10,7 +10,7 @@ import hashlib
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import Final
@@ -295,6 +295,13 @@ class Simulator:
             if id_instance is None:
                 return sum(self._api.counts.values())
             return self._api.counts.get(id_instance, 0)
+
+    def on_answer(self, hook: Callable[[RequestLog], None] | None) -> None:
+        """Call ``hook`` with each request's log entry once its answer is on the wire (from
+        the server's threads; None removes every hook). Tests use it to act at that
+        instant, say to stop the process that asked."""
+        with self._lock:
+            self._api.answered[:] = [] if hook is None else [*self._api.answered, hook]
 
     def reset_counts(self) -> None:
         """Clear the request counters and the request log."""

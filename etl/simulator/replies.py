@@ -28,6 +28,8 @@ class Reply:
     mode: str = "normal"  # normal | reset | truncate
     #: For the request log: the number of chats in a JSON-array answer (None for others).
     served: int | None = None
+    #: The request's entry in the log, once recorded (passed to ``GreenApi.answered`` hooks).
+    logged: object | None = None
 
 
 def reason(status: int) -> str:

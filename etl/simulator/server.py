@@ -150,5 +150,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.close()  # really closed (RST) once rfile closes in finish()
             else:
                 self.wfile.write(head_bytes if head else head_bytes + body)
+                self.wfile.flush()
         except OSError:
             self.close_connection = True
+            return
+        self._srv().api.notify_answered(reply)

@@ -9,10 +9,9 @@ failures (the instance is fine; our side is not). ``ERROR_KINDS`` says which is 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from etl.config import Instance
 from etl.errors import Backoff, error_kind
@@ -86,19 +85,25 @@ class HealthBook:
                 outcome.backoff_seconds,
             )
 
-    def restore(self, instance: Instance, recent: Sequence[Any], now: datetime) -> None:
-        """Resume backoff after a restart from the instance's latest ``sync_runs`` rows
-        (``status``, ``error_kind``, ``started_at``; newest first)."""
-        failures = 0
-        for row in recent:
-            if row.status != "failed":
-                break
-            failures += 1
-        if not failures:
+    def restore(
+        self,
+        instance: Instance,
+        failures: int,
+        kind: str | None,
+        next_due_at: datetime | None,
+        now: datetime,
+    ) -> None:
+        """Take over an instance's failures in a row and its next due time, as its state
+        row keeps them (after a restart, or from the replica that held it before)."""
+        if failures <= 0:
+            self._health.pop(instance.id_instance, None)
             return
-        delay = backoff_seconds(instance, failures, recent[0].error_kind)
-        elapsed = (now - recent[0].started_at).total_seconds()
-        health = _Health(failures, recent[0].error_kind)
-        if delay is not None:
-            health.next_due = self.monotonic() + max(0.0, delay - elapsed)
+        health = _Health(failures, kind)
+        if next_due_at is not None and backoff_seconds(instance, failures, kind) is not None:
+            wait = (next_due_at - now).total_seconds()
+            # a little early, as in ``note``
+            health.next_due = self.monotonic() + max(0.0, wait - 1.0)
         self._health[instance.id_instance] = health
+
+    def forget(self, instance_id: int) -> None:
+        self._health.pop(instance_id, None)

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -47,7 +47,7 @@ from etl.sync.plan import (
     vanished_chats,
 )
 from etl.sync.snapshot import Snapshot, SnapshotCache
-from etl.sync.store import Locked, store_for
+from etl.sync.store import Claim, Locked, TickState, store_for
 
 #: every line of a tick comes from one logger, "etl.sync", whichever part writes it
 log = logging.getLogger("etl.sync")
@@ -73,6 +73,8 @@ class _Pending:
     t0: float
     #: the checkWhatsapp answers an id switch of this list needs (``linking``)
     asked: Asked
+    #: the lease the tick is made under (several replicas), or None
+    claim: Claim | None
 
 
 @dataclass(slots=True, eq=False)
@@ -130,20 +132,59 @@ class Syncer:
     def consecutive_failures(self, instance_id: int) -> int:
         return self.health.consecutive_failures(instance_id)
 
-    def restore_backoff(self, instances: Sequence[Instance]) -> None:
-        """Resume backoff after a restart from the failures recorded in ``sync_runs``."""
+    def restore_backoff(
+        self, instances: Sequence[Instance]
+    ) -> dict[int, tuple[datetime | None, int]]:
+        """Resume each instance's backoff from its state row (its failures in a row and
+        when it is due), after a restart; returns when each is due (None: never synced)
+        and its failures in a row."""
         by_id = {i.id_instance: i for i in instances}
         now = self.clock()
+        ids = list(by_id)
+        due: dict[int, tuple[datetime | None, int]] = {}
+        chunk = self.store.read_chunk
         with self.engine.connect() as conn:
-            for iid, inst in by_id.items():
-                self.health.restore(inst, self.store.recent_runs(conn, iid), now)
+            for start in range(0, len(ids), chunk):
+                for row in self.store.load_health(conn, ids[start : start + chunk]):
+                    self.adopt(
+                        by_id[row.instance_id],
+                        row.failures,
+                        row.failure_kind,
+                        row.next_due_at,
+                        now,
+                    )
+                    due[row.instance_id] = (row.next_due_at, row.failures)
+        return due
+
+    def adopt(
+        self,
+        instance: Instance,
+        failures: int,
+        kind: str | None,
+        next_due_at: datetime | None,
+        now: datetime,
+    ) -> None:
+        """Take an instance over as its state row says: failures in a row, next due time."""
+        self.health.restore(instance, failures, kind, next_due_at, now)
+
+    def syncing(self, instance_id: int) -> bool:
+        """Whether a tick of the instance is running in this process now."""
+        lock = self._locks.get(instance_id)
+        return lock is not None and lock.locked()
 
     def forget_snapshot(self, instance_id: int) -> None:
         self.snapshots.forget(instance_id)
 
+    def release(self, instance_id: int) -> None:
+        """Forget what this process keeps of an instance (another replica owns it now)."""
+        self.snapshots.forget(instance_id)
+        self.health.forget(instance_id)
+
     # -- one tick ------------------------------------------------------------------------
 
-    def sync(self, instance: Instance) -> SyncOutcome:
+    def sync(self, instance: Instance, claim: Claim | None = None) -> SyncOutcome:
+        """One tick of ``instance``; ``claim``: the lease it is made under, whose loss
+        makes the store refuse its writes (several replicas)."""
         lock = self._lock_for(instance.id_instance)
         if not lock.acquire(blocking=False):
             log.warning(
@@ -152,7 +193,7 @@ class Syncer:
             )
             return SyncOutcome(instance.id_instance, "skipped", self.clock())
         try:
-            outcome = self._sync(instance)
+            outcome = self._sync(instance, claim)
         finally:
             lock.release()
         for listener in self.listeners:
@@ -166,20 +207,25 @@ class Syncer:
         with self._locks_guard:
             return self._locks.setdefault(instance_id, threading.Lock())
 
-    def _sync(self, instance: Instance) -> SyncOutcome:
+    def _sync(self, instance: Instance, claim: Claim | None) -> SyncOutcome:
         outcome = SyncOutcome(instance.id_instance, "ok", self.clock())
-        pending = self._fetch(instance, outcome, time.monotonic())
+        pending = self._fetch(instance, outcome, time.monotonic(), claim)
         if pending is None:
             return outcome
         outcome = self.group.submit(pending)
+        if outcome.error_kind == ErrorKind.LEASE_LOST:
+            self._log_failure(outcome)  # its run row is written, nothing else
+            return outcome
         if outcome.status == "failed":
-            self._write_failure(outcome)
+            self._write_failure(instance, outcome, claim)
             return outcome
         self._log(instance, outcome)
         self.flush_unrecorded()
         return outcome
 
-    def _fetch(self, instance: Instance, outcome: SyncOutcome, t0: float) -> _Pending | None:
+    def _fetch(
+        self, instance: Instance, outcome: SyncOutcome, t0: float, claim: Claim | None
+    ) -> _Pending | None:
         """Fetch and decode; a failure is recorded at once (and None returned)."""
         try:
             fetched = self.client.get_chats(instance)
@@ -201,11 +247,11 @@ class Syncer:
                 outcome.instance_state = exc.instance_state
             self._finish(outcome, t0)
             self.health.note(instance, outcome)
-            self._write_failure(outcome)
+            self._write_failure(instance, outcome, claim)
             return None
         snap = decoded_with or self.ids.read_snapshot(instance)
         asked = self.ids.ask_links(instance, decoded, snap, t0)
-        return _Pending(instance, decoded, fetched.body, decoded_with, outcome, t0, asked)
+        return _Pending(instance, decoded, fetched.body, decoded_with, outcome, t0, asked, claim)
 
     # -- the write -----------------------------------------------------------------------
 
@@ -268,7 +314,11 @@ class Syncer:
         now = self.clock()
         prefetch = self._prefetch(item)
         read_ids = prefetch.read_ids if prefetch is not None else None
-        locked = self.store.lock(conn, item.instance.id_instance, now, read_ids)
+        interval = timedelta(seconds=item.instance.interval_seconds)
+        state = TickState(due=fetched.started_at + interval, claim=item.claim)
+        locked = self.store.lock(conn, item.instance.id_instance, now, read_ids, state)
+        if locked.fenced:
+            return outcome, self._write_lost(conn, item, outcome, locked)
         return outcome, self._apply(conn, item, outcome, locked, now, prefetch)
 
     def _prefetch(self, item: _Pending) -> _Prefetch | None:
@@ -449,6 +499,24 @@ class Syncer:
 
         return after_commit
 
+    def _write_lost(
+        self, conn: Connection, item: _Pending, outcome: SyncOutcome, locked: Locked
+    ) -> Callable[[], None]:
+        """A tick whose claim another replica has taken since: its run row says so, and
+        nothing else is written (the new owner syncs the instance now)."""
+        claim = item.claim
+        assert claim is not None  # only a claimed tick is fenced
+        outcome.status, outcome.error_kind = "failed", ErrorKind.LEASE_LOST
+        outcome.chats_received = item.decoded.received
+        outcome.error = (
+            f"the lease this tick was made under (epoch {claim.epoch}) is no longer held by "
+            "this replica: another replica took the instance over; nothing applied"
+        )
+        row = self._run_row(outcome, item.t0)
+        outcome.sync_run_id = self.store.write_run(conn, locked, row)
+        iid = item.instance.id_instance
+        return functools.partial(self.release, iid)
+
     def _run_row(self, outcome: SyncOutcome, t0: float) -> dict[str, Any]:
         """The outcome's ``sync_runs`` row, ending now."""
         self._finish(outcome, t0)
@@ -478,11 +546,23 @@ class Syncer:
         self.health.note(item.instance, outcome)
         return outcome
 
-    def _write_failure(self, outcome: SyncOutcome) -> None:
-        """Record a failed tick in its own transaction; keep it for later if even that fails."""
+    def _write_failure(self, instance: Instance, outcome: SyncOutcome, claim: Claim | None) -> None:
+        """Record a failed tick in its own transaction, with the instance's failures and
+        next due time in its state row; keep it for later if even that fails."""
+        iid = instance.id_instance
+        delay = outcome.backoff_seconds or instance.interval_seconds
         try:
             with self.engine.begin() as conn:
                 outcome.sync_run_id = self.store.write_failure(conn, outcome.row())
+                self.store.note_failure(
+                    conn,
+                    iid,
+                    failures=self.health.consecutive_failures(iid),
+                    kind=None if outcome.error_kind is None else str(outcome.error_kind),
+                    due=outcome.started_at + timedelta(seconds=delay),
+                    now=self.clock(),
+                    claim=claim,
+                )
         except SQLAlchemyError as exc:
             self.defer_failure(outcome, type(exc).__name__)
             return

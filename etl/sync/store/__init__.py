@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import functools
 
-from etl.sync.store.base import Locked, RunRow, Store, written_listeners
+from etl.sync.store.base import Claim, Locked, RunRow, Store, TickState, written_listeners
 from etl.sync.store.postgresql import PostgresStore
 from etl.sync.store.sqlite import SQLiteStore
 
 __all__ = [
+    "Claim",
     "Locked",
     "PostgresStore",
     "RunRow",
     "SQLiteStore",
     "Store",
+    "TickState",
     "store_for",
     "written_listeners",
 ]

@@ -55,6 +55,30 @@ RunRow = Callable[[], dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    """The lease a tick is made under (several replicas, ``etl.leases``): the replica that
+    owns the instance and the instance's fencing epoch when it was claimed. The store
+    refuses the tick's writes once the instance's row says otherwise."""
+
+    owner: str
+    epoch: int
+    #: the longest the tick's transaction may sit idle (its client stalled between two
+    #: statements) before the database ends it, releasing its locks so that the new owner
+    #: is not held up; 0: no limit
+    idle_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TickState:
+    """What a tick that commits sets in the instance's state row with its lock."""
+
+    #: when the instance's next tick is due
+    due: datetime | None = None
+    #: the claim the tick's writes are made under (None: one process, unfenced)
+    claim: Claim | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Locked:
     """The instance's lock, held until the transaction ends, and its state just bumped."""
 
@@ -69,6 +93,14 @@ class Locked:
     #: the ``change_seq`` this tick writes, where the store numbers writes itself (SQLite);
     #: None where the database does (PostgreSQL: the transaction id)
     change_seq: int | None = None
+    #: the tick's claim is no longer held: nothing was bumped, nothing may be written but
+    #: the run row (``lease_lost``)
+    fenced: bool = False
+
+
+def fenced_lock(run_id: int | None, change_seq: int | None = None) -> Locked:
+    """The ``Locked`` of a tick whose claim is no longer held."""
+    return Locked(run_id, 0, GuardState(None, 0), change_seq=change_seq, fenced=True)
 
 
 class Store:
@@ -105,12 +137,47 @@ class Store:
             pending_removal_streak=0,
             updated_at=bindparam("now"),
             version=1,
+            next_due_at=bindparam("due"),
         )
-        self.bump_state = bump.on_conflict_do_update(
+        returned = (
+            state_t.c.version,
+            state_t.c.pending_removal_digest,
+            state_t.c.pending_removal_streak,
+        )
+        version = self.insert(state_t).values(
+            instance_id=bindparam("iid"),
+            pending_removal_streak=0,
+            updated_at=bindparam("now"),
+            version=1,
+        )
+        self.bump_version = version.on_conflict_do_update(
             index_elements=[state_t.c.instance_id],
             set_={"version": state_t.c.version + 1},
-        ).returning(
-            state_t.c.version, state_t.c.pending_removal_digest, state_t.c.pending_removal_streak
+        ).returning(*returned)
+        # a tick that commits is not a failed one: its bump clears the failures
+        self.bump_state = bump.on_conflict_do_update(
+            index_elements=[state_t.c.instance_id],
+            set_={
+                "version": state_t.c.version + 1,
+                "next_due_at": bump.excluded.next_due_at,
+                "failures": 0,
+                "failure_kind": None,
+            },
+        ).returning(*returned)
+        self.bump_fenced = (
+            update(state_t)
+            .where(
+                state_t.c.instance_id == bindparam("iid"),
+                state_t.c.lease_owner == bindparam("owner"),
+                state_t.c.lease_epoch == bindparam("epoch"),
+            )
+            .values(
+                version=state_t.c.version + 1,
+                next_due_at=bindparam("due"),
+                failures=0,
+                failure_kind=None,
+            )
+            .returning(*returned)
         )
         upsert = self.insert(chats_t)
         self.upsert_chats = upsert.on_conflict_do_update(
@@ -155,17 +222,86 @@ class Store:
 
     # -- the instance's lock and state --------------------------------------------------
 
-    def lock(self, conn: Connection, iid: int, now: datetime, read_ids: list[str] | None) -> Locked:
+    def lock(
+        self,
+        conn: Connection,
+        iid: int,
+        now: datetime,
+        read_ids: list[str] | None,
+        state: TickState | None,
+    ) -> Locked:
         """Serialise the writers of one instance across processes until the transaction
-        ends, and bump its state version (creating the row). With ``read_ids`` (where
-        ``reads_with_lock``), also read those chats' stored rows."""
+        ends, and bump its state version (creating the row when unfenced) with a tick's
+        ``state`` (None: not a tick, the version only). With ``read_ids`` (where
+        ``reads_with_lock``), also read those chats' stored rows. ``Locked.fenced`` when
+        ``state.claim`` is no longer held."""
         raise NotImplementedError
 
-    def bump(self, conn: Connection, iid: int, now: datetime) -> tuple[int, GuardState]:
-        """Bump the instance's state version; return it with the stored guard state."""
-        row = conn.execute(self.bump_state, {"iid": iid, "now": now}).one()
+    def bump(
+        self, conn: Connection, iid: int, now: datetime, state: TickState | None
+    ) -> tuple[int, GuardState] | None:
+        """Bump the instance's state version (with a tick's ``state``, or alone); return it
+        with the stored guard state, or None when the tick's claim is no longer held
+        (nothing was changed)."""
+        params: dict[str, Any] = {"iid": iid, "now": now}
+        if state is None:
+            row = conn.execute(self.bump_version, params).one()
+        elif state.claim is None:
+            row = conn.execute(self.bump_state, {**params, "due": state.due}).one()
+        else:
+            claim = {"owner": state.claim.owner, "epoch": state.claim.epoch}
+            found = conn.execute(self.bump_fenced, {**params, "due": state.due, **claim}).first()
+            if found is None:
+                return None
+            row = found
         guard = GuardState(row.pending_removal_digest, int(row.pending_removal_streak))
         return int(row.version), guard
+
+    def note_failure(
+        self,
+        conn: Connection,
+        iid: int,
+        *,
+        failures: int,
+        kind: str | None,
+        due: datetime | None,
+        now: datetime,
+        claim: Claim | None,
+    ) -> None:
+        """A failed tick's mark on the instance's state: its failures in a row, their kind
+        and when it is due again (backoff), so that any replica, or a restart, honours
+        them. Fenced like a tick's writes (a replica that lost the instance says nothing
+        of it any more)."""
+        values = {"failures": failures, "failure_kind": kind, "next_due_at": due}
+        if claim is None:
+            stmt = self.insert(state_t).values(
+                instance_id=iid, pending_removal_streak=0, updated_at=now, **values
+            )
+            conn.execute(
+                stmt.on_conflict_do_update(index_elements=[state_t.c.instance_id], set_=values)
+            )
+            return
+        conn.execute(
+            update(state_t)
+            .where(
+                state_t.c.instance_id == iid,
+                state_t.c.lease_owner == claim.owner,
+                state_t.c.lease_epoch == claim.epoch,
+            )
+            .values(**values)
+        )
+
+    def load_health(self, conn: Connection, ids: Sequence[int]) -> Sequence[Any]:
+        """``instance_id, failures, failure_kind, next_due_at`` of the instances' state."""
+        return conn.execute(
+            select(
+                state_t.c.instance_id,
+                state_t.c.failures,
+                state_t.c.failure_kind,
+                state_t.c.next_due_at,
+            ).where(state_t.c.instance_id.in_(bindparam("ids", expanding=True))),
+            {"ids": list(ids)},
+        ).all()
 
     def lock_registry(self, conn: Connection) -> None:
         """Serialise the writers of the ``instances`` table (replicas starting together)."""
@@ -235,15 +371,6 @@ class Store:
             )
         )
         return Identity(aliases={a: c for a, c in aliases}, current={c: cur for c, cur in current})
-
-    def recent_runs(self, conn: Connection, iid: int, limit: int = 64) -> Sequence[Any]:
-        """The instance's latest runs, newest first: ``status, error_kind, started_at``."""
-        return conn.execute(
-            select(runs_t.c.status, runs_t.c.error_kind, runs_t.c.started_at)
-            .where(runs_t.c.instance_id == iid)
-            .order_by(runs_t.c.started_at.desc(), runs_t.c.id.desc())
-            .limit(limit)
-        ).all()
 
     # -- writes --------------------------------------------------------------------------
 

@@ -23,23 +23,39 @@ from etl.sync.rules import MAX_CLOCK_SKEW, first_valid_from_sql
 from etl.sync.store.base import UPSERT_UPDATES
 
 # The lock is taken in ``l`` (materialised, so exactly once) before ``b`` bumps the state;
-# ON CONFLICT DO UPDATE works on the row's latest committed version, even one newer than
-# the statement's snapshot, so the version returned is right.
-_LOCK_CTES = """
+# ON CONFLICT DO UPDATE and UPDATE work on the row's latest committed version, even one
+# newer than the statement's snapshot, so the version returned is right, and so is the
+# fence: a claim committed by another replica before this statement is seen, and one not
+# yet committed holds the row, so this statement waits for it. ``b`` also says when the
+# next tick is due and clears the failures (a tick that commits is not a failed one).
+_LOCK = """
 WITH l AS MATERIALIZED (
-  SELECT pg_try_advisory_xact_lock(%(k1)s, %(k2)s) AS got,
-         nextval(pg_get_serial_sequence('sync_runs', 'id')) AS run_id
-), b AS (
+  SELECT pg_try_advisory_xact_lock(%(key)s) AS got,
+         nextval(pg_get_serial_sequence('sync_runs', 'id')) AS run_id{idle}
+), b AS ({bump}
+  RETURNING s.version, s.pending_removal_digest, s.pending_removal_streak
+)"""
+#: unfenced (no claim: one process, or ``etl sync --once``): creates the state row
+_BUMP = """
+  INSERT INTO instance_sync_state AS s
+    (instance_id, pending_removal_streak, updated_at, version, next_due_at)
+  SELECT %(iid)s, 0, %(now)s, 1, %(due)s FROM l WHERE l.got
+  ON CONFLICT (instance_id) DO UPDATE SET version = s.version + 1,
+    next_due_at = excluded.next_due_at, failures = 0, failure_kind = NULL"""
+#: not a tick (an operator's command): the version only
+_BUMP_VERSION = """
   INSERT INTO instance_sync_state AS s
     (instance_id, pending_removal_streak, updated_at, version)
   SELECT %(iid)s, 0, %(now)s, 1 FROM l WHERE l.got
-  ON CONFLICT (instance_id) DO UPDATE SET version = s.version + 1
-  RETURNING s.version, s.pending_removal_digest, s.pending_removal_streak
-)"""
+  ON CONFLICT (instance_id) DO UPDATE SET version = s.version + 1"""
+#: fenced: only while the claim the tick was made under is held (the row exists: the
+#: claim made it)
+_BUMP_FENCED = """
+  UPDATE instance_sync_state AS s SET version = s.version + 1,
+    next_due_at = %(due)s, failures = 0, failure_kind = NULL
+  FROM l WHERE l.got AND s.instance_id = %(iid)s
+    AND s.lease_owner = %(owner)s AND s.lease_epoch = %(epoch)s"""
 _LOCK_COLUMNS = "l.got, l.run_id, b.version, b.pending_removal_digest, b.pending_removal_streak"
-
-#: try the instance's lock, reserve the run's id and bump the state, in one round trip
-LOCK_AND_BUMP = f"{_LOCK_CTES}\nSELECT {_LOCK_COLUMNS}\nFROM l LEFT JOIN b ON true\n"
 
 #: the stored rows of some chats, with the open history period's start
 LOAD_ROWS = """
@@ -51,20 +67,39 @@ LEFT OUTER JOIN chat_ephemeral_history h
 WHERE c.instance_id = %(iid)s AND c.chat_id = ANY(%(ids)s)
 """
 
-#: ``LOCK_AND_BUMP`` and ``LOAD_ROWS`` in one round trip: one row per stored chat read
-#: (the lock's columns repeated), or one row with a NULL ``chat_id`` when none is found or
-#: the lock was not free
-LOCK_BUMP_AND_READ = (
-    f"{_LOCK_CTES}, r AS ({LOAD_ROWS})\nSELECT r.*, {_LOCK_COLUMNS}\n"
-    "FROM l LEFT JOIN b ON true LEFT JOIN r ON l.got\n"
-)
+
+#: the bump of each kind of lock (``lock_sql``)
+_BUMPS = {"tick": _BUMP, "fenced": _BUMP_FENCED, "version": _BUMP_VERSION}
+#: a fenced tick's transaction ends if its client stalls in it for longer than the lease
+#: (``Claim.idle_ms``): its row and advisory locks would hold up the instance's new owner
+_IDLE = """,
+         set_config('idle_in_transaction_session_timeout', %(idle)s, true) AS idle"""
+
+
+@functools.cache
+def lock_sql(bump: str, *, read: bool) -> str:
+    """Try the instance's lock, reserve the run's id and bump the state, in one round
+    trip. ``bump``: ``tick`` (a tick that commits: its next due time, no failures),
+    ``fenced`` (the same, only under the tick's claim) or ``version`` (not a tick).
+    ``read``: with ``LOAD_ROWS`` too, one row per stored chat read (the lock's columns
+    repeated), or one row with a NULL ``chat_id`` when none is found or the lock was not
+    free. A lock that was free but a bump that returned nothing (``version`` NULL) means
+    the claim is no longer held."""
+    ctes = _LOCK.format(bump=_BUMPS[bump], idle=_IDLE if bump == "fenced" else "")
+    if not read:
+        return f"{ctes}\nSELECT {_LOCK_COLUMNS}\nFROM l LEFT JOIN b ON true\n"
+    return (
+        f"{ctes}, r AS ({LOAD_ROWS})\nSELECT r.*, {_LOCK_COLUMNS}\n"
+        "FROM l LEFT JOIN b ON true LEFT JOIN r ON l.got\n"
+    )
+
 
 #: try the lock again (reserving another run id), after another writer held it
 TRY_LOCK = (
-    "SELECT pg_try_advisory_xact_lock(%s, %s), nextval(pg_get_serial_sequence('sync_runs', 'id'))"
+    "SELECT pg_try_advisory_xact_lock(%s), nextval(pg_get_serial_sequence('sync_runs', 'id'))"
 )
 #: wait for the lock
-WAIT_LOCK = "SELECT pg_advisory_xact_lock(%s, %s)"
+WAIT_LOCK = "SELECT pg_advisory_xact_lock(%s)"
 #: the ``instances`` table's writers' lock
 LOCK_REGISTRY = "SELECT pg_advisory_xact_lock(%s, %s)"
 

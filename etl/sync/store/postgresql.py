@@ -19,15 +19,18 @@ from etl.models import PG_CHANGE_SEQ
 from etl.sync.guards import GuardState
 from etl.sync.plan import FirstLoad, StoredChat, TickPlan
 from etl.sync.store import pg_sql
-from etl.sync.store.base import Locked, RunRow, Store, written_listeners
+from etl.sync.store.base import Locked, RunRow, Store, TickState, fenced_lock, written_listeners
 
 #: the lock wait was logged as "etl.db" when the lock lived there; kept for log filters
 log = logging.getLogger("etl.db")
 
 
-def instance_lock_key(instance_id: int) -> tuple[int, int]:
-    """The two-int advisory lock key of one instance's writers."""
-    return (4242, instance_id % 2**31)
+def instance_lock_key(instance_id: int) -> int:
+    """The advisory lock key of one instance's writers: the id itself, in the single
+    ``bigint`` key space (the two-``int`` form would need ``id % 2**31``, and two ids can
+    share that; the two key spaces never meet, so the registry's and retention's two-int
+    keys cannot collide with it)."""
+    return instance_id
 
 
 #: the advisory lock key of the ``instances`` table's writers
@@ -39,7 +42,14 @@ class PostgresStore(Store):
     reads_with_lock = True
     insert = staticmethod(postgresql.insert)
 
-    def lock(self, conn: Connection, iid: int, now: datetime, read_ids: list[str] | None) -> Locked:
+    def lock(
+        self,
+        conn: Connection,
+        iid: int,
+        now: datetime,
+        read_ids: list[str] | None,
+        state: TickState | None,
+    ) -> Locked:
         """One round trip when the lock is free (the usual case); a wait for the lock goes
         the long way, and reads nothing.
 
@@ -48,30 +58,40 @@ class PostgresStore(Store):
         between, and such a writer bumped the version, so the caller's snapshot check
         (``version - 1``) throws them away.
         """
-        k1, k2 = instance_lock_key(iid)
-        params = {"k1": k1, "k2": k2, "iid": iid, "now": now}
+        params: dict[str, Any] = {"key": instance_lock_key(iid), "iid": iid, "now": now}
+        bump = "version"
+        if state is not None:
+            bump = "tick" if state.claim is None else "fenced"
+            params["due"] = state.due
+            if state.claim is not None:
+                claim = state.claim
+                params |= {"owner": claim.owner, "epoch": claim.epoch, "idle": str(claim.idle_ms)}
         stored: dict[str, StoredChat] | None = None
         if read_ids:
-            rows = conn.exec_driver_sql(pg_sql.LOCK_BUMP_AND_READ, {**params, "ids": read_ids})
-            found = rows.all()
+            sql = pg_sql.lock_sql(bump, read=True)
+            found = conn.exec_driver_sql(sql, {**params, "ids": read_ids}).all()
             row = found[0]
             stored = {r.chat_id: cast(StoredChat, r) for r in found if r.chat_id is not None}
         else:
-            row = conn.exec_driver_sql(pg_sql.LOCK_AND_BUMP, params).one()
+            row = conn.exec_driver_sql(pg_sql.lock_sql(bump, read=False), params).one()
         if row.got:
+            if row.version is None:  # the lock was free, the claim is gone
+                return fenced_lock(int(row.run_id))
             for listener in written_listeners:
                 listener("instance_sync_state", 1)
             guard = GuardState(row.pending_removal_digest, row.pending_removal_streak)
             return Locked(int(row.run_id), int(row.version), guard, stored)
         run_id = self._wait_for_lock(conn, iid)
-        version, guard = self.bump(conn, iid, now)
-        return Locked(run_id, version, guard)
+        bumped = self.bump(conn, iid, now, state)
+        if bumped is None:
+            return fenced_lock(run_id)
+        return Locked(run_id, *bumped)
 
     @staticmethod
     def _wait_for_lock(conn: Connection, iid: int) -> int:
         """Take the lock another writer held (a wait is logged); returns a run id reserved
         in the same round trip as the new try."""
-        key = instance_lock_key(iid)
+        key = (instance_lock_key(iid),)
         got, run_id = conn.exec_driver_sql(pg_sql.TRY_LOCK, key).one()
         if not got:
             log.info("instance %s: another process is syncing it; waiting", iid)

@@ -16,7 +16,7 @@ from sqlalchemy.dialects import sqlite
 
 from etl.models import UTCDateTime, chats_t, events_t, history_t, presence_t, runs_t
 from etl.sync.plan import TickPlan
-from etl.sync.store.base import Locked, RunRow, Store
+from etl.sync.store.base import Locked, RunRow, Store, TickState, fenced_lock
 
 #: chats marked removed per statement
 _REMOVED_CHUNK = 5000
@@ -86,11 +86,22 @@ class SQLiteStore(Store):
             change_seq=bindparam("p_seq"),
         )
 
-    def lock(self, conn: Connection, iid: int, now: datetime, read_ids: list[str] | None) -> Locked:
+    def lock(
+        self,
+        conn: Connection,
+        iid: int,
+        now: datetime,
+        read_ids: list[str] | None,
+        state: TickState | None,
+    ) -> Locked:
         # the transaction's BEGIN IMMEDIATE already holds the database's write lock, so the
         # next change_seq stays this transaction's until it commits
-        version, guard = self.bump(conn, iid, now)
-        return Locked(None, version, guard, change_seq=self.change_seq(conn))
+        bumped = self.bump(conn, iid, now, state)
+        seq = self.change_seq(conn)
+        if bumped is None:
+            return fenced_lock(None, seq)
+        version, guard = bumped
+        return Locked(None, version, guard, change_seq=seq)
 
     def change_seq(self, conn: Connection) -> Any:
         return int(conn.execute(_NEXT_CHANGE_SEQ).scalar_one())
