@@ -93,7 +93,8 @@ def history(engine: Engine, instance_id: int, chat_id: str) -> list[Any]:
 
 
 def check_history_invariants(engine: Engine) -> None:
-    """One open row per chat; closed rows chain exactly; open row equals the chat's setting."""
+    """One open row per WhatsApp chat (Telegram and MAX chats have no history); closed rows
+    chain exactly; open row equals the chat's setting."""
     all_rows = rows(
         engine,
         "SELECT instance_id, chat_id, ephemeral_expiration, ephemeral_setting_at, "
@@ -104,13 +105,15 @@ def check_history_invariants(engine: Engine) -> None:
         (r.instance_id, r.chat_id): r
         for r in rows(
             engine,
-            "SELECT instance_id, chat_id, ephemeral_expiration, ephemeral_setting_at FROM chats",
+            "SELECT c.instance_id, c.chat_id, c.ephemeral_expiration, c.ephemeral_setting_at "
+            "FROM chats c JOIN instances i ON i.id_instance = c.instance_id "
+            "WHERE i.platform = 'whatsapp'",
         )
     }
     by_chat: dict[tuple[int, str], list[Any]] = {}
     for r in all_rows:
         by_chat.setdefault((r.instance_id, r.chat_id), []).append(r)
-    assert set(by_chat) == set(chats), "every chat has history, and only chats do"
+    assert set(by_chat) == set(chats), "every WhatsApp chat has history, and only they do"
     for key, hist in by_chat.items():
         open_rows = [r for r in hist if r.valid_to is None]
         assert len(open_rows) == 1, f"{key}: {len(open_rows)} open rows"

@@ -4,18 +4,28 @@ against the simulator over HTTP and real databases."""
 from __future__ import annotations
 
 import os
+import queue
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
+import tomllib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 import click
 import pytest
+import requests
 from click.testing import CliRunner
 from sqlalchemy import Engine
 
 from etl import __version__
 from etl.cli import cli
+from etl.config import parse_config
 from etl.db import ROOT, head_revision, make_engine, upgrade
 from etl.simulator import Fault, Simulator
 from tests.factories import check_history_invariants, rows, scalar
@@ -343,3 +353,141 @@ def test_demo_on_postgresql(tmp_path: Path, db_url: str) -> None:
         check_history_invariants(engine)
     finally:
         engine.dispose()
+
+
+# -- simulate ------------------------------------------------------------------------------
+
+SIM_TOKEN = "5" * 50
+
+
+@contextmanager
+def simulate(*args: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`python -m etl simulate --port 0 ARGS...` as a real process: its URL and the config
+    it prints (parsed); stopped with Ctrl-C afterwards."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "etl", "simulate", "--port", "0", "--token", SIM_TOKEN, *args],
+        env=etl_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+
+    def read(stream: IO[str]) -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put("")  # the end
+
+    threading.Thread(target=read, args=(proc.stdout,), daemon=True).start()
+    try:
+        printed: list[str] = []
+        instances = int(args[args.index("--instances") + 1])
+        # the URL line, then the config; it ends with a blank line after the last instance
+        while printed.count("[[instances]]\n") < instances or printed[-1] != "\n":
+            line = lines.get(timeout=60)
+            assert line, "etl simulate ended early:\n" + "".join(printed)
+            printed.append(line)
+        found = re.match(r"# Green-API simulator on (http://127\.0\.0\.1:\d+): ", printed[0])
+        assert found, printed[0]
+        yield found.group(1), tomllib.loads("".join(printed[1:]))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            assert proc.stderr is not None
+            stderr = proc.stderr.read()
+            proc.stdout.close()
+            proc.stderr.close()
+    assert SIM_TOKEN not in stderr  # the simulator's logs redact tokens too
+
+
+def method(url: str, iid: int, name: str) -> str:
+    return f"{url}/waInstance{iid}/{name}/{SIM_TOKEN}"
+
+
+def served_ids(url: str, iid: int) -> list[str]:
+    answer = requests.get(method(url, iid, "getChats"), timeout=20)
+    assert answer.status_code == 200, answer.text
+    return [str(c["id"]) for c in answer.json()]
+
+
+@pytest.mark.parametrize(("step", "lid"), [(0, True), (1, False)])
+def test_simulate_lid_switch_at_step_without_ticks(step: int, lid: bool) -> None:
+    """--lid-switch-at-step 0: person chats are @lid from the start, groups keep theirs;
+    --lid-switch-at-step 1 with no ticks (--tick-seconds 0): never. The same seed's list,
+    as the Python API serves it, gives the ids to expect."""
+    args = ["--instances", "1", "--chats", "20", "--seed", "7", "--tick-seconds", "0"]
+    with simulate(*args, "--lid-switch-at-step", str(step)) as (url, config):
+        (iid,) = [i["id_instance"] for i in config["instances"]]
+        got = served_ids(url, iid)
+    reference = Simulator(instances=1, chats=20, seed=7)
+    phones = [str(c["id"]) for c in reference.chats(iid)]
+    assert sum(p.endswith("@c.us") for p in phones) >= 5
+    assert any(p.endswith("@g.us") for p in phones)
+    expected = [reference.lid_of(p) if lid and p.endswith("@c.us") else p for p in phones]
+    assert got == expected
+
+
+def test_simulate_switches_to_lid_mode_at_its_step_and_keeps_the_check_quota() -> None:
+    """With ticks, the list turns to @lid at the given step; checkWhatsapp answers the lid
+    of a phone-number id until --check-quota requests are used, then 466 as documented."""
+    args = ["--instances", "1", "--chats", "20", "--seed", "7", "--tick-seconds", "0.5"]
+    with simulate(*args, "--lid-switch-at-step", "2", "--check-quota", "2") as (url, config):
+        (iid,) = [i["id_instance"] for i in config["instances"]]
+        deadline = time.monotonic() + 120  # a busy machine ticks late, not never
+        ids = served_ids(url, iid)
+        while any(i.endswith("@c.us") for i in ids):
+            assert time.monotonic() < deadline, ids
+            time.sleep(0.2)
+            ids = served_ids(url, iid)
+        assert any(i.endswith("@lid") for i in ids) and any(i.endswith("@g.us") for i in ids)
+        check = method(url, iid, "checkWhatsapp")
+        answers = [
+            requests.post(check, json={"phoneNumber": 79001234560 + n}, timeout=20)
+            for n in range(3)
+        ]
+    reference = Simulator(instances=1, chats=0, seed=7)
+    assert [a.status_code for a in answers] == [200, 200, 466]
+    assert answers[0].json() == {
+        "existsWhatsapp": True,
+        "chatId": reference.lid_of("79001234560@c.us"),
+    }
+    status = answers[2].json()["invokeStatus"]
+    assert (status["method"], status["used"], status["total"]) == ("checkwhatsapp", 2, 2)
+
+
+def test_simulate_without_check_quota_has_no_limit() -> None:
+    args = ["--instances", "1", "--chats", "5", "--tick-seconds", "0"]
+    with simulate(*args) as (url, config):
+        (iid,) = [i["id_instance"] for i in config["instances"]]
+        check = method(url, iid, "checkWhatsapp")
+        statuses = [
+            requests.post(check, json={"phoneNumber": 79001234560 + n}, timeout=20).status_code
+            for n in range(3)
+        ]
+    assert statuses == [200, 200, 200]
+
+
+@pytest.mark.parametrize("platform", ["telegram", "max"])
+def test_simulate_platform(platform: str) -> None:
+    """--platform: every instance answers getChats with that messenger's elements
+    (``chatId``, no ``id``), and the config it prints says the platform."""
+    args = ["--instances", "2", "--chats", "10", "--tick-seconds", "0"]
+    with simulate(*args, "--platform", platform) as (url, config):
+        bodies = [
+            requests.get(method(url, i["id_instance"], "getChats"), timeout=20).json()
+            for i in config["instances"]
+        ]
+    assert [i["platform"] for i in config["instances"]] == [platform, platform]
+    assert all(len(body) == 10 for body in bodies)
+    for body in bodies:
+        assert all("id" not in c and isinstance(c["chatId"], str) for c in body)
+        assert any(c["chatId"].startswith("-") for c in body)  # a group
+    # the printed config is one chatsync reads, with the platform
+    parsed = parse_config(config)
+    assert {i.platform for i in parsed.instances} == {platform}

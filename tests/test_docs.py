@@ -9,6 +9,7 @@ that lies. Each failure names the file, the line and the offending text.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -26,6 +27,7 @@ from pydantic_core import PydanticUndefined
 from etl.cli import cli
 from etl.config import FileConfig, parse_config
 from etl.errors import ERROR_KINDS, ConfigError
+from etl.models import EVENT_TYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -35,6 +37,7 @@ CONFIGURATION_MD = ROOT / "docs" / "configuration.md"
 OPERATIONS_MD = ROOT / "docs" / "operations.md"
 ERRORS_MD = ROOT / "docs" / "errors.md"
 SCHEMA_MD = ROOT / "docs" / "schema.md"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "chatsync.json"
 RESULTS = ROOT / "benchmarks" / "results"
 RESULT_CITERS = [*DOCS, ROOT / "benchmarks" / "README.md"]
 
@@ -537,3 +540,16 @@ def test_readme_is_short() -> None:
 @pytest.mark.parametrize("path", DOC_FILES, ids=[rel(p) for p in DOC_FILES])
 def test_markdown_fences_are_closed(path: Path) -> None:
     parse_markdown(path)  # asserts
+
+
+def test_the_lists_of_every_event_type_name_every_type_the_sync_writes() -> None:
+    """docs/queries.md's "Changes per day" and the dashboard's "Chat changes per day" panel
+    list the event types: all of them, as the sync writes them (``EVENT_TYPES``)."""
+    queries = (ROOT / "docs" / "queries.md").read_text(encoding="utf-8")
+    intro = queries.split("### Changes per day", 1)[1].split("```", 1)[0]
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    (panel,) = [p for p in dashboard["panels"] if p["title"] == "Chat changes per day"]
+    for where, text_ in (("queries.md", intro), ("chatsync.json", panel["description"])):
+        (listed,) = re.findall(r"\(([^()]*\bcreated\b[^()]*)\)", text_)
+        names = [n.strip(" `\n") for n in listed.split(",")]
+        assert names == list(EVENT_TYPES), where

@@ -586,6 +586,39 @@ def test_a_state_that_cannot_be_had_reads_as_a_restart(lid_sim: Simulator, engin
     assert sim.method_count("getStateInstance", iid) == 1
 
 
+def test_asking_the_state_is_bounded_by_the_ticks_budget(
+    lid_sim: Simulator, engine: Engine
+) -> None:
+    """getStateInstance answering far later than the budget (80 % of the interval, 4 s
+    here) and than the read timeout (120 s) does not hold the tick: it ends at its budget,
+    as a restart (the state could not be had), having asked once."""
+    sim = lid_sim
+    inst, syncer, _clock, client = setup(sim, engine, interval_seconds=5, timeout_seconds=120.0)
+    iid = inst.id_instance
+    budget = inst.interval_seconds * 0.8
+    sim.set_state(iid, "notAuthorized")
+    sim.set_method_fault(iid, "getStateInstance", Fault(delay=600.0))
+    try:
+        started = time.monotonic()
+        out = syncer.sync(inst)
+        took = time.monotonic() - started
+    finally:
+        client.close()
+    # the property, with room for a busy machine; unbounded it would wait the 120 s timeout
+    assert took < budget + 30, took
+    assert (out.status, out.error_kind, out.http_status, out.attempts) == (
+        "failed",
+        "starting",
+        400,
+        1,
+    )
+    assert out.instance_state is None
+    assert "getStateInstance failed: getStateInstance on" in str(out.error)
+    assert sim.method_count("getStateInstance", iid) == 1
+    run = rows(engine, "SELECT status, error_kind, instance_state FROM sync_runs")
+    assert [tuple(r) for r in run] == [("failed", "starting", None)]
+
+
 # -- 4. tolerant where the real API is loose -----------------------------------------------
 
 

@@ -8,6 +8,8 @@ The queries are the blocks of docs/queries.md, parsed as tests/test_bi.py parses
 
 from __future__ import annotations
 
+import ast
+import re
 import threading
 import time
 from collections import Counter
@@ -22,7 +24,7 @@ from etl.models import CURSOR_TABLES
 from etl.simulator import ChangeRates, Simulator
 from etl.sync import Syncer, register_instances
 from tests.conftest import make_instance
-from tests.test_bi import query_for
+from tests.test_bi import QUERIES_MD, query_for
 
 #: the primary key of each table with a cursor (the merge key of a copy)
 KEYS = {
@@ -43,6 +45,36 @@ def test_every_table_with_a_cursor_has_a_documented_query() -> None:
     for table in KEYS:
         for dialect in ("sqlite", "postgresql"):
             assert "load_watermark" in query_for(f"incremental_{table}", dialect).sql
+
+
+def test_the_key_table_and_the_dlt_recipe_name_every_table_with_a_cursor() -> None:
+    """docs/queries.md's merge-key table and its dlt recipe (Python, not run here: it
+    needs dlt) list every table with a cursor, with its primary key and append or merge."""
+    doc = QUERIES_MD.read_text(encoding="utf-8")
+    section = doc.split("## Incremental loads", 1)[1].split("\n## ", 1)[0]
+    table = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"`\w+`", cells[0]):
+            keys = tuple(k.strip(" `") for k in cells[1].split(","))
+            table[cells[0].strip("`")] = (keys, cells[3])
+    assert table == {
+        t: (keys, "append" if t in APPEND_ONLY else "merge") for t, keys in KEYS.items()
+    }
+    (recipe,) = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    tree = ast.parse(recipe)
+    assigned = {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Name)
+        and node.targets[0].id in ("KEYS", "APPEND")
+    }
+    (loop,) = [n for n in ast.walk(tree) if isinstance(n, ast.For)]
+    names = ast.literal_eval(loop.iter)
+    assert sorted(names) == sorted(KEYS)
+    assert {n: tuple(assigned["KEYS"].get(n, ("id",))) for n in names} == KEYS
+    assert assigned["APPEND"] == APPEND_ONLY
 
 
 class Loader:

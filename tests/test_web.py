@@ -32,7 +32,7 @@ from etl.errors import ERROR_KINDS, ErrorKind
 from etl.metrics import Metrics
 from etl.redact import register_secret
 from etl.scheduler import Daemon
-from etl.simulator import Fault, Simulator
+from etl.simulator import ChangeRates, Fault, Simulator
 from etl.status import InstanceStatus
 from etl.sync import Syncer, register_instances, utcnow
 from etl.web import StatusServer, render_page
@@ -247,6 +247,45 @@ def test_errors_never_take_the_server_down(engine: Engine, monkeypatch: pytest.M
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(b"GET / HTTP/1.1\r\n")
         assert get(f"{server.url}/readyz")[0] == 200
+
+
+def test_an_instance_held_by_an_id_switch_shows_its_kind_and_what_to_do(engine: Engine) -> None:
+    """An instance whose chats switched to @lid ids that checkWhatsapp could not link (its
+    quota used up) is held as an ``id_switch`` anomaly: its row on the status page says
+    so, explains the kind on hover and says what to do; the healthy one beside it does
+    not; no chat id is shown."""
+    still = ChangeRates(new=0, rename=0, archive=0, ephemeral=0, removal=0)
+    with Simulator(instances=2, chats=30, seed=5, rates=still) as sim:
+        held_id, ok_id = sim.instance_ids
+        fleet = [make_instance(sim, i, link_requests_per_second=5.0) for i in sim.instance_ids]
+        register_instances(engine, fleet)
+        client = GreenApiClient(backoff_initial=0.01, backoff_max=0.05)
+        try:
+            syncer = Syncer(engine, client)
+            assert [syncer.sync(inst).status for inst in fleet] == ["ok", "ok"]
+            sim.set_check_quota(held_id, 0)
+            sim.set_lid_mode(held_id)
+            outs = [syncer.sync(inst) for inst in fleet]
+        finally:
+            client.close()
+        chat_ids = {str(c["id"]) for c in sim.chats(held_id)}
+    assert [(o.status, o.error_kind) for o in outs] == [("anomaly", "id_switch"), ("ok", None)]
+    with StatusServer(engine, port=0, cache_seconds=0) as server:
+        status, _, raw = get(f"{server.url}/")
+    assert status == 200
+    page = raw.decode()
+    assert not [c for c in chat_ids if c in page]
+    root = ET.fromstring(page.split("\n", 1)[1])
+    rows = {int(r.findtext(".//span[@class='id']") or 0): r for r in root.findall(".//tbody/tr")}
+    held, healthy = rows[held_id], rows[ok_id]
+    info = ERROR_KINDS[ErrorKind.ID_SWITCH]
+    assert held.get("class") == "anomaly"
+    assert held.findtext(".//span[@class='pill anomaly']") == "anomaly"
+    kind = held.find(".//span[@class='kind']")
+    assert kind is not None and (kind.text, kind.get("title")) == ("id_switch", info.cause)
+    assert held.findtext(".//div[@class='action']") == f"what to do: {info.action}"
+    assert "etl ids link" in info.action and "etl ids accept" in info.action
+    assert healthy.get("class") == "ok" and healthy.find(".//div[@class='action']") is None
 
 
 # -- the command line ----------------------------------------------------------------------

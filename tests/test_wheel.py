@@ -1,6 +1,7 @@
 """The package as users install it: built (sdist, then the wheel from the sdist, as a release
 is), installed non-editable into a fresh virtualenv, and run from a directory outside the
-repository, so that only what the wheel carries can be used.
+repository, so that only what the wheel carries can be used: ``etl demo`` and
+``etl db upgrade`` on SQLite and on PostgreSQL.
 
 One build and one virtualenv serve the whole module. The virtualenv gets the plain wheel
 first (the SQLite cases run without the PostgreSQL driver) and the ``postgres`` extra only
@@ -225,3 +226,27 @@ def test_etl_db_upgrade(
     assert f"current={head} head={head} (up to date)" in current.stdout
     assert db_revision(db_url) == head
     assert sorted(p.name for p in workdir.iterdir()) == []  # nothing written to the cwd
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_etl_demo_on_postgresql(venv_pg: Venv, workdir: Path, db_url: str) -> None:
+    """`etl demo --database-url` into a PostgreSQL database of its own (dropped
+    afterwards), through the postgres extra; nothing is written to the current directory.
+    After the SQLite cases, so that those run without the driver."""
+    done = run(
+        [str(venv_pg.etl), "demo", "--instances", "2", "--chats", "10", "--ticks", "2"]
+        + ["--database-url", db_url],
+        cwd=workdir,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "instances:          2" in done.stdout
+    assert db_revision(db_url) == repo_head()
+    engine = create_engine(normalise_url(db_url))
+    try:
+        with engine.connect() as conn:
+            ok = conn.execute(text("SELECT COUNT(*) FROM sync_runs WHERE status = 'ok'"))
+            assert ok.scalar_one() >= 2
+    finally:
+        engine.dispose()
+    assert sorted(p.name for p in workdir.iterdir()) == []
