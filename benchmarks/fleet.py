@@ -31,6 +31,8 @@ Fields of a tick line:
 - ``rows_written``: rows inserted/updated per table (the driver's ``rowcount``).
 - ``changes``: what the syncs reported (``chats_inserted`` ... ``ephemeral_changes``),
   summed over the instances; ``statuses``: outcomes by status.
+- ``snapshot_mb``: what the packed snapshots the syncer keeps between ticks take (their
+  arrays and joined ids, not Python's object headers).
 - ``rss_mb``: resident memory of this process after the pass; ``peak_rss_mb``: the
   process's peak so far (``ru_maxrss``). The simulator's memory is not included: it runs in
   its own process (reported as ``sim_rss_mb``).
@@ -594,6 +596,8 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
                         "max_size": max(groups, default=None),
                     }
                     line["changes"], line["statuses"] = summarise_outcomes(outcomes)
+                    # the packed snapshots this process keeps between ticks
+                    line["snapshot_mb"] = round(syncer.snapshots.packed_bytes() / 2**20, 2)
                     failed = [o for o in outcomes if o.status == "failed"]
                     if failed:
                         line["errors"] = dict(Counter(o.error_kind for o in failed))

@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Table,
     Text,
@@ -336,6 +337,22 @@ class InstanceSyncState(Base):
     failure_kind: Mapped[str | None] = mapped_column(Text)
 
 
+class InstanceSnapshot(Base):
+    """What the sync knows of an instance's stored chats, packed (``etl.sync.snapshot``),
+    written in each tick's transaction: a new process reads it instead of every chat row.
+    Valid while ``version`` is the state's; an optimisation only."""
+
+    __tablename__ = "instance_snapshots"
+
+    instance_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("instances.id_instance"), primary_key=True
+    )
+    #: the ``instance_sync_state.version`` it describes
+    version: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime]
+
+
 class Replica(Base):
     """A running ``etl run`` process sharing this PostgreSQL (see ``etl/leases.py``)."""
 
@@ -361,6 +378,7 @@ events_t = cast(Table, ChatEvent.__table__)
 aliases_t = cast(Table, ChatAlias.__table__)
 state_t = cast(Table, InstanceSyncState.__table__)
 replicas_t = cast(Table, Replica.__table__)
+snapshots_t = cast(Table, InstanceSnapshot.__table__)
 
 #: the tables with a ``change_seq`` cursor, in the order docs/queries.md lists them
 CURSOR_TABLES = (chats_t, aliases_t, history_t, presence_t, events_t, runs_t, instances_t)

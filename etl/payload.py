@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
 from etl.errors import PayloadError, PlatformMismatch
+from etl.hashing import stable_hash
 
 #: Largest accepted ephemeralSettingTimestamp (9999-12-31); anything above is a bad value.
 MAX_TIMESTAMP = 253_402_300_799
@@ -73,6 +74,10 @@ class DecodedChats:
     raw_hashes: dict[int, str] | None = None
     #: fields not understood and ignored (the element was kept), by reason: how many
     notes: dict[str, int] = field(default_factory=dict)
+    #: ``stable_hash`` of the whole body when it was tracked and every element was
+    #: accepted without a note (so that the same body again decodes to the same list
+    #: without being split); 0 otherwise
+    body_hash: int = 0
 
     @property
     def ids(self) -> set[str]:
@@ -288,6 +293,11 @@ def decode_platform_chat(item: object, notes: dict[str, int] | None = None) -> C
 
 
 _Decoder = Callable[[object, dict[str, int]], ChatRecord]
+#: bumped whenever an element would decode to another record than before (a new rule, a
+#: field read in another form): raw element hashes kept by an older release (a persisted
+#: snapshot) then no longer say "decodes as before"
+DECODER_VERSION = 1
+
 DECODERS: dict[str, _Decoder] = {
     "whatsapp": decode_chat,
     "telegram": decode_platform_chat,
@@ -368,20 +378,30 @@ def decode_chats(
     known: Mapping[int, str] | None = None,
     track: bool = False,
     platform: str = "whatsapp",
+    known_body: int = 0,
 ) -> DecodedChats:
     """Decode a getChats body of a ``platform`` instance. Raises PayloadError when it is
     not a JSON array, PlatformMismatch when it is another messenger's list.
 
     ``track``: also return ``raw_hashes``, a hash of each accepted element's raw bytes
-    mapped to its chat id. ``known``: the ``raw_hashes`` of the last list applied; an
-    element byte-identical to one there decodes to the same record as then, so it is not
-    parsed at all, only listed in ``unchanged`` (between two polls most chats do not
-    change, so most elements of a steady fleet's bodies need no parsing).
+    mapped to its chat id, and ``body_hash``. ``known``: the ``raw_hashes`` of the last
+    list applied; an element byte-identical to one there decodes to the same record as
+    then, so it is not parsed at all, only listed in ``unchanged`` (between two polls most
+    chats do not change, so most elements of a steady fleet's bodies need no parsing).
+    ``known_body``: that list's ``body_hash``; the same body again is not even split.
     """
+    whole = stable_hash(body) if track and isinstance(body, bytes) else 0
+    if whole and whole == known_body and known is not None:
+        ids = list(known.values())
+        return DecodedChats(
+            [], [], len(ids), unchanged=ids, raw_hashes=dict(known), body_hash=whole
+        )
     decoded = _decode(body, known, track, platform)
     check_platform(decoded, platform, body)
     if _TELEGRAM_MARK in decoded.notes:
         del decoded.notes[_TELEGRAM_MARK]
+    if whole and not decoded.rejected and not decoded.notes:
+        decoded = replace(decoded, body_hash=whole)
     return decoded
 
 
@@ -452,7 +472,7 @@ def _decode_pieces(
     for index, piece in enumerate(pieces):
         # a 64-bit hash of the bytes: a changed element taken for the unchanged one it
         # collides with is a ~1e-19 chance per pair compared
-        h = hash(piece)
+        h = stable_hash(piece)
         chat_id = known.get(h)
         if chat_id is not None and chat_id not in seen:
             seen.add(chat_id)

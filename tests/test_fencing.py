@@ -38,7 +38,7 @@ INTERVAL = 2
 #: how many times the owner is stopped (the issue asks for at least 20)
 STALLS = int(os.environ.get("ETL_TEST_STALLS", "20"))
 #: a long list, so that decoding it takes long enough for SIGSTOP to land before the write
-CHATS = 20_000
+CHATS = 10_000
 TOKEN = "5f" * 25
 QUIET = ChangeRates(new=0, rename=0, archive=0, ephemeral=0, removal=0)
 
@@ -61,7 +61,7 @@ def test_a_stalled_owner_cannot_write_an_older_list(pg_db: str, tmp_path: Path) 
                     # the other replica takes the instance over and writes a newer list
                     taken = staller.stall(until=newer_ok_run(engine, iid))
                     assert taken, "the instance was not taken over while its owner was stopped"
-                    time.sleep(INTERVAL)  # the stalled tick goes on and tries its write
+                    time.sleep(1.0)  # the stalled tick goes on and tries its write
         finally:
             feeding.set()
             staller.close()
@@ -79,9 +79,12 @@ def test_a_stalled_owner_cannot_write_an_older_list(pg_db: str, tmp_path: Path) 
     )
     assert len(stalled) == STALLS
     assert flips == 0, f"{flips} history rows went back to an older setting"
-    # no stalled tick committed its list: each one tried its write and was refused, or
-    # (stopped while it still read the answer) failed its fetch on waking up
+    # no stalled tick committed its list: each one tried its write and was refused; or,
+    # stopped while it still read the answer, failed its fetch on waking up; or, stopped
+    # inside its write transaction, had it ended by the database (idle longer than the
+    # lease), which let the other replica take the instance over
     assert all(r is not None and r.status == "failed" for r in stalled), stalled
-    assert all(r.error_kind in ("lease_lost", "timeout") for r in stalled if r is not None)
+    kinds = {"lease_lost", "timeout", "database"}
+    assert all(r.error_kind in kinds for r in stalled if r is not None), stalled
     # most reached their write: the refusal is what is tested
     assert refused >= STALLS // 2, f"only {refused} of {STALLS} stale writes were attempted"

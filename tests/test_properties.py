@@ -5,7 +5,8 @@ Snapshots have chats appearing, vanishing and coming back, renamed, archived, ep
 settings changing back and forth, setting timestamps in the past, in the future (within and
 beyond the clock-skew allowance), repeated and out of order, duplicate ids (also after
 normalisation), and malformed elements. The clock advances by 0 s to an hour between ticks,
-and the process is sometimes "restarted" (a fresh ``Syncer``, so no cached state).
+and the process is sometimes "restarted" (a fresh ``Syncer``, so no cached state: it starts
+from the persisted snapshot, or from the rows when that snapshot is gone or unreadable).
 
 After every tick, against a model of the documented semantics:
 
@@ -38,11 +39,11 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, Table, select
+from sqlalchemy import Engine, Table, delete, select, update
 
 from etl.client import FetchResult
 from etl.config import Instance
-from etl.models import presence_t
+from etl.models import presence_t, snapshots_t
 from etl.payload import decode_chats
 from etl.sync import MAX_CLOCK_SKEW, Syncer, chats_t, history_t, register_instances, runs_t
 from tests.conftest import make_instance
@@ -135,6 +136,9 @@ class Step:
     elements: list[Any]
     advance: int
     restart: bool
+    #: at a restart, what happened to the persisted snapshot meanwhile: nothing (the new
+    #: process starts from it), or it is gone, or unreadable (the rows must be read)
+    damage: str | None = None
 
 
 @st.composite
@@ -155,6 +159,7 @@ STEPS = st.lists(
         elements=snapshot(),
         advance=st.sampled_from([0, 1, 60, 3600]),
         restart=st.sampled_from([False, False, False, True]),
+        damage=st.sampled_from([None, None, "missing", "corrupt"]),
     ),
     min_size=1,
     max_size=8,
@@ -307,6 +312,22 @@ def _render(elements: list[Any], now: datetime) -> bytes:
 
 _ids = itertools.count(2_000_000_001)
 
+
+def _damage_snapshot(engine: Engine, iid: int, how: str | None) -> None:
+    """The persisted snapshot a restarted process finds: as left, gone, or unreadable."""
+    if how is None:
+        return
+    with engine.begin() as conn:
+        if how == "missing":
+            conn.execute(delete(snapshots_t).where(snapshots_t.c.instance_id == iid))
+        else:
+            conn.execute(
+                update(snapshots_t)
+                .where(snapshots_t.c.instance_id == iid)
+                .values(data=b"CSS1 not a snapshot")
+            )
+
+
 PROFILE = settings(
     max_examples=EXAMPLES,
     derandomize=os.environ.get("ETL_HYPOTHESIS_RANDOM") != "1",
@@ -345,6 +366,7 @@ def test_random_snapshot_sequences_keep_every_invariant(
     for n, step in enumerate(steps):
         clock.now += timedelta(seconds=step.advance)
         if step.restart:
+            _damage_snapshot(engine, iid, step.damage)
             syncer = Syncer(engine, client, clock=clock)  # type: ignore[arg-type]
         client.body = _render(step.elements, clock.now)
         expected = model.apply(client.body, clock.now)

@@ -1,11 +1,17 @@
 """The stored attributes a tick compares, as one number per chat (``Snapshot``), and the
-test that a chat under a new id looks exactly like a stored one (``identity``)."""
+test that a chat under a new id looks exactly like a stored one (``identity``).
+
+The numbers are stable across processes (xxHash of a fixed encoding, not Python's
+``hash``, which is salted per process): a snapshot persisted by one process is read by
+another (``etl.sync.snapshot``).
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
+from etl.hashing import stable_hash
 from etl.payload import ChatRecord
 
 
@@ -13,7 +19,9 @@ def fingerprint(
     chat_type: str, name: str, archived: bool, expiration: int, setting_at: datetime | None
 ) -> int:
     """The stored attributes a tick compares, as one number."""
-    return hash((chat_type, name, bool(archived), expiration, setting_at))
+    stamp = "" if setting_at is None else repr(setting_at.timestamp())
+    text = f"{chat_type}\x00{name}\x00{int(bool(archived))}\x00{expiration}\x00{stamp}"
+    return stable_hash(text.encode("utf-8", "surrogatepass"))
 
 
 def chat_fingerprint(chat: ChatRecord) -> int:

@@ -95,10 +95,11 @@ class IdStep:
         self.clock = clock
 
     def read_snapshot(self, instance: Instance) -> Snapshot | None:
-        """A WhatsApp instance new to this process: its snapshot, read before the write
-        transaction (not under the lock), so that an id switch in its first list can be
-        looked up in this very tick. Kept with the version it was read at: the write
-        reuses it unless another writer wrote since."""
+        """A WhatsApp instance new to this process and not preloaded (``Syncer.preload``):
+        its snapshot from the rows, read before the write transaction (not under the
+        lock), so that an id switch in its first list can be looked up in this very tick.
+        Kept with the version it was read at: the write reuses it unless another writer
+        wrote since."""
         if instance.platform != "whatsapp":
             return None
         iid = instance.id_instance

@@ -122,6 +122,7 @@ def _mapped(decoded: DecodedChats, chat_of: Mapping[str, str]) -> DecodedChats:
         unchanged=[chat_of.get(i, i) for i in decoded.unchanged],
         raw_hashes=decoded.raw_hashes,
         notes=decoded.notes,
+        body_hash=decoded.body_hash,
     )
 
 

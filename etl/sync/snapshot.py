@@ -1,34 +1,76 @@
-"""What this process last committed for each instance, as one fingerprint per chat.
+"""What is stored for each instance, as one fingerprint per chat; kept compact between
+ticks, and persisted next to the instance's state.
 
 A steady fleet changes few chats per tick, so reading every stored chat back each tick
-would be most of the database work. Each process keeps, per instance, a fingerprint of
-every chat it last committed. The state row's ``version`` (bumped by every applied tick,
-under the instance lock) tells whether anybody else wrote since; if so, the snapshot is
-rebuilt from the table. Only chats whose fingerprint differs are read back and diffed.
+would be most of the database work. A snapshot holds, per instance, a fingerprint of every
+stored chat, which are marked removed, and a hash of each element of the last list
+applied (so unchanged elements are not parsed again, and an unchanged list not even
+split). The state row's ``version`` (bumped by every applied tick, under the instance
+lock) tells whether anybody else wrote since; if so, the snapshot is rebuilt from the
+table. Only chats whose element or fingerprint differs are read back and diffed.
+
+Three forms:
+
+* ``Snapshot``: the form a tick works with (dicts and sets), made for one tick;
+* ``PackedSnapshot``: the form kept between ticks, a few flat arrays (ids joined in one
+  ``bytes``, fingerprints and element hashes in ``array('q')``), so that a daemon holding
+  millions of chats keeps tens of bytes per chat instead of hundreds;
+* its bytes (``to_bytes``), written in the tick's own transaction into
+  ``instance_snapshots`` with the version it describes, so that a new process (``etl sync
+  --once``, a restart, a replica taking instances over) reads one value per instance
+  instead of every chat row. A missing, stale (another version) or unreadable one is
+  ignored: the snapshot is then rebuilt from the rows, as before.
 """
 
 from __future__ import annotations
 
+import json
+import struct
+from array import array
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from etl.payload import ChatRecord, DecodedChats
+from etl.payload import DECODER_VERSION, ChatRecord, DecodedChats
 from etl.sync.fingerprints import chat_fingerprint, fingerprint, row_fingerprint
 from etl.sync.identity import Identity
 
 __all__ = [
+    "PackedSnapshot",
     "Snapshot",
     "SnapshotCache",
     "chat_fingerprint",
+    "decoder_tag",
     "fingerprint",
     "row_fingerprint",
 ]
 
+_SEP = b"\x00"
+#: the bytes' layout: magic, then (tag length, body hash, chats, ids length, removed
+#: length, extra length, identity length), then those parts
+_MAGIC = b"CSS1"
+_HEADER = struct.Struct("<IqIIIII")
+
+
+def decoder_tag(platform: str) -> str:
+    """Which decoder the element hashes were judged by: hashes of another one do not say
+    that an element decodes as before."""
+    return f"{platform}/{DECODER_VERSION}"
+
+
+def _join(ids: Any) -> bytes:
+    return _SEP.join(i.encode("utf-8", "surrogatepass") for i in ids)
+
+
+def _split(data: bytes) -> list[str]:
+    return data.decode("utf-8", "surrogatepass").split("\x00") if data else []
+
 
 @dataclass(slots=True)
 class Snapshot:
-    """One instance's chats as last committed: a fingerprint per chat, the removed ones."""
+    """One instance's chats as stored: a fingerprint per chat, the removed ones, and the
+    element hashes of the last list applied. Made for one tick (``PackedSnapshot.unpack``
+    or ``Store.load_snapshot``); never changed once a tick has used it."""
 
     version: int = 0
     fingerprints: dict[str, int] = field(default_factory=dict)
@@ -36,8 +78,14 @@ class Snapshot:
     #: ``DecodedChats.raw_hashes`` of the last list applied: its unchanged elements are
     #: not decoded again
     raw: dict[int, str] = field(default_factory=dict)
+    #: ``DecodedChats.body_hash`` of the last list applied: the same body is not split
+    body_hash: int = 0
+    #: the decoder ``raw`` and ``body_hash`` were judged by (``decoder_tag``)
+    tag: str = ""
     #: the chats' other ids and the ids in use (``etl.sync.identity``)
     identity: Identity = field(default_factory=Identity)
+    #: whether ``instance_snapshots`` holds this very snapshot (at ``version``)
+    persisted: bool = False
 
     def add_stored(
         self,
@@ -54,6 +102,12 @@ class Snapshot:
         if removed_at is not None:
             self.removed.add(chat_id)
 
+    def known_for(self, platform: str) -> tuple[dict[int, str] | None, int]:
+        """The element hashes and body hash a decode of ``platform`` may skip against."""
+        if self.tag != decoder_tag(platform):
+            return None, 0
+        return self.raw, self.body_hash
+
     def present(self) -> set[str]:
         """The chats stored and not marked removed."""
         return self.fingerprints.keys() - self.removed
@@ -69,41 +123,227 @@ class Snapshot:
             or fingerprints.get(c.chat_id) != chat_fingerprint(c)
         ]
 
-    def record_written(
-        self, rows: list[dict[str, Any]], removed: list[str], raw: dict[int, str] | None
-    ) -> None:
-        """After commit: the chat rows a tick wrote, the chats it marked removed."""
+    def after_write(
+        self,
+        rows: list[dict[str, Any]],
+        removed: list[str],
+        decoded: DecodedChats,
+        tag: str,
+        identity: Identity,
+    ) -> PackedSnapshot:
+        """What is stored once a tick's writes commit: the chat rows it wrote, the chats
+        it marked removed, its list's element hashes, the ids as it left them."""
+        fingerprints = dict(self.fingerprints)
+        gone = set(self.removed)
         for values in rows:
-            self.fingerprints[values["chat_id"]] = row_fingerprint(values)
-            self.removed.discard(values["chat_id"])
-        self.removed.update(removed)
-        self.raw = raw or {}
+            fingerprints[values["chat_id"]] = row_fingerprint(values)
+            gone.discard(values["chat_id"])
+        gone.update(removed)
+        raw = decoded.raw_hashes or {}
+        return PackedSnapshot.pack(fingerprints, gone, raw, decoded.body_hash, tag, identity)
 
-    def record_first_load(self, chats: list[ChatRecord], raw: dict[int, str] | None) -> None:
-        """After commit: the chats a first load inserted."""
-        self.fingerprints.update((c.chat_id, chat_fingerprint(c)) for c in chats)
-        self.raw = raw or {}
+    def after_first_load(
+        self, chats: list[ChatRecord], decoded: DecodedChats, tag: str, identity: Identity
+    ) -> PackedSnapshot:
+        """What is stored once a first load commits."""
+        fingerprints = dict(self.fingerprints)
+        fingerprints.update((c.chat_id, chat_fingerprint(c)) for c in chats)
+        raw = decoded.raw_hashes or {}
+        return PackedSnapshot.pack(
+            fingerprints, set(self.removed), raw, decoded.body_hash, tag, identity
+        )
+
+    def packed(self, identity: Identity | None = None) -> PackedSnapshot:
+        """This snapshot as it is (a tick that wrote no chat), with ``identity``."""
+        return PackedSnapshot.pack(
+            self.fingerprints,
+            self.removed,
+            self.raw,
+            self.body_hash,
+            self.tag,
+            self.identity if identity is None else identity,
+        )
+
+
+@dataclass(slots=True, eq=False)
+class PackedSnapshot:
+    """A snapshot between ticks: the ids joined in one ``bytes``, their fingerprints and
+    the element hash of each (0: not in the last list) in two ``array('q')``."""
+
+    ids: bytes
+    fingerprints: array[int]
+    raw: array[int]
+    removed: bytes
+    body_hash: int
+    tag: str
+    #: element hashes of ids that are not stored chats' own (aliases in the list)
+    extra: dict[int, str]
+    identity: Identity
+
+    @classmethod
+    def pack(
+        cls,
+        fingerprints: dict[str, int],
+        removed: set[str],
+        raw: dict[int, str],
+        body_hash: int,
+        tag: str,
+        identity: Identity,
+    ) -> PackedSnapshot:
+        element = {chat: h for h, chat in raw.items() if chat in fingerprints}
+        extra = {h: chat for h, chat in raw.items() if chat not in fingerprints}
+        return cls(
+            ids=_join(fingerprints),
+            fingerprints=array("q", fingerprints.values()),
+            raw=array("q", [element.get(c, 0) for c in fingerprints]),
+            removed=_join(sorted(removed)),
+            body_hash=body_hash,
+            tag=tag,
+            extra=extra,
+            identity=identity,
+        )
+
+    def unpack(self, version: int, *, persisted: bool = False) -> Snapshot:
+        ids = _split(self.ids)
+        raw = {h: c for h, c in zip(self.raw, ids, strict=True) if h}
+        raw.update(self.extra)
+        return Snapshot(
+            version=version,
+            fingerprints=dict(zip(ids, self.fingerprints, strict=True)),
+            removed=set(_split(self.removed)),
+            raw=raw,
+            body_hash=self.body_hash,
+            tag=self.tag,
+            identity=Identity(dict(self.identity.aliases), dict(self.identity.current)),
+            persisted=persisted,
+        )
+
+    def nbytes(self) -> int:
+        """About how much memory the packed arrays take (for benchmarks)."""
+        return len(self.ids) + len(self.removed) + 8 * (len(self.fingerprints) + len(self.raw))
+
+    # -- persisted form ------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        tag = self.tag.encode()
+        extra = (
+            json.dumps({str(h): c for h, c in self.extra.items()}).encode() if self.extra else b""
+        )
+        ident = (
+            json.dumps([self.identity.aliases, self.identity.current]).encode()
+            if self.identity.aliases or self.identity.current
+            else b""
+        )
+        header = _HEADER.pack(
+            len(tag), self.body_hash, len(self.fingerprints), len(self.ids), len(self.removed),
+            len(extra), len(ident),
+        )  # fmt: skip
+        return b"".join(
+            (
+                _MAGIC,
+                header,
+                tag,
+                self.ids,
+                self.fingerprints.tobytes(),
+                self.raw.tobytes(),
+                self.removed,
+                extra,
+                ident,
+            )
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PackedSnapshot:
+        """Raises ValueError when ``data`` is not a packed snapshot of this layout."""
+        if data[:4] != _MAGIC:
+            raise ValueError("not a packed snapshot")
+        try:
+            n_tag, body, n, n_ids, n_removed, n_extra, n_ident = _HEADER.unpack_from(data, 4)
+        except struct.error as exc:
+            raise ValueError(f"truncated header: {exc}") from None
+        at = 4 + _HEADER.size
+        sizes = (n_tag, n_ids, 8 * n, 8 * n, n_removed, n_extra, n_ident)
+        if at + sum(sizes) != len(data):
+            raise ValueError("the parts do not add up to the data")
+        parts = []
+        for size in sizes:
+            parts.append(data[at : at + size])
+            at += size
+        tag, ids, fps, raw, removed, extra, ident = parts
+        fingerprints, hashes = array("q"), array("q")
+        fingerprints.frombytes(fps)
+        hashes.frombytes(raw)
+        if len(_split(ids)) != n:
+            raise ValueError("the ids do not match the fingerprints")
+        aliases, current = json.loads(ident) if ident else ({}, {})
+        return cls(
+            ids=ids,
+            fingerprints=fingerprints,
+            raw=hashes,
+            removed=removed,
+            body_hash=body,
+            tag=tag.decode(),
+            extra={int(h): c for h, c in json.loads(extra).items()} if extra else {},
+            identity=Identity(aliases, current),
+        )
+
+
+@dataclass(slots=True)
+class _Entry:
+    packed: PackedSnapshot
+    version: int
+    persisted: bool
+    #: the unpacked form the running tick works with (dropped when the tick ends)
+    live: Snapshot | None = None
 
 
 class SnapshotCache:
-    """The snapshots of the instances this process syncs, by instance id. One thread at a
-    time syncs an instance (``Syncer.sync``), and a dict's get, set and pop are atomic."""
+    """The snapshots of the instances this process syncs, by instance id, packed between
+    ticks. One thread at a time syncs an instance (``Syncer.sync``), and a dict's get, set
+    and pop are atomic."""
 
     def __init__(self) -> None:
-        self._snapshots: dict[int, Snapshot] = {}
+        self._entries: dict[int, _Entry] = {}
 
     def get(self, instance_id: int) -> Snapshot | None:
-        return self._snapshots.get(instance_id)
+        """The snapshot for the running tick (unpacked once per tick)."""
+        entry = self._entries.get(instance_id)
+        if entry is None:
+            return None
+        if entry.live is None:
+            entry.live = entry.packed.unpack(entry.version, persisted=entry.persisted)
+        return entry.live
 
     def get_current(self, instance_id: int, version: int) -> Snapshot | None:
-        """The snapshot, if nobody else wrote since this process last did: the state's
-        ``version`` (just bumped by this tick) is one past the snapshot's."""
-        snap = self._snapshots.get(instance_id)
-        return snap if snap is not None and snap.version == version - 1 else None
+        """The snapshot, if nobody else wrote since it was taken: the state's ``version``
+        (just bumped by this tick) is one past the snapshot's."""
+        entry = self._entries.get(instance_id)
+        if entry is None or entry.version != version - 1:
+            return None
+        return self.get(instance_id)
 
     def keep(self, instance_id: int, snap: Snapshot, version: int) -> None:
-        snap.version = version
-        self._snapshots[instance_id] = snap
+        """A snapshot read from the table (or unchanged), at ``version``."""
+        self._entries[instance_id] = _Entry(snap.packed(), version, snap.persisted, live=snap)
+
+    def keep_packed(
+        self, instance_id: int, packed: PackedSnapshot, version: int, *, persisted: bool
+    ) -> None:
+        """What a committed tick left stored, at ``version``."""
+        self._entries[instance_id] = _Entry(packed, version, persisted)
+
+    def settle(self, instance_id: int) -> None:
+        """The tick is over: keep only the packed form."""
+        entry = self._entries.get(instance_id)
+        if entry is not None:
+            entry.live = None
 
     def forget(self, instance_id: int) -> None:
-        self._snapshots.pop(instance_id, None)
+        self._entries.pop(instance_id, None)
+
+    def packed_bytes(self) -> int:
+        """About how much memory the packed snapshots take (for benchmarks)."""
+        return sum(e.packed.nbytes() for e in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -35,7 +35,7 @@ from etl.sync.group_commit import GroupCommit, Queued
 from etl.sync.guards import CLEAR, Verdict, judge
 from etl.sync.health import HealthBook
 from etl.sync.identify import Identified, IdStep, notes_text
-from etl.sync.identity import translate
+from etl.sync.identity import Identity, translate
 from etl.sync.linking import Asked, Linker
 from etl.sync.outcome import SyncOutcome
 from etl.sync.plan import (
@@ -46,12 +46,14 @@ from etl.sync.plan import (
     plan_tick,
     vanished_chats,
 )
-from etl.sync.snapshot import Snapshot, SnapshotCache
-from etl.sync.store import Claim, Locked, TickState, store_for
+from etl.sync.snapshot import PackedSnapshot, Snapshot, SnapshotCache, decoder_tag
+from etl.sync.store import Claim, Locked, SnapshotWrite, TickState, store_for
 
 #: every line of a tick comes from one logger, "etl.sync", whichever part writes it
 log = logging.getLogger("etl.sync")
 
+#: persisted snapshots read per statement (``Syncer.preload``)
+PRELOAD_CHUNK = 500
 #: the most ticks written in one transaction (group commit)
 GROUP_LIMIT = 32
 #: how many groups are written at once (see ``etl.sync.group_commit``; the figures behind
@@ -175,6 +177,42 @@ class Syncer:
     def forget_snapshot(self, instance_id: int) -> None:
         self.snapshots.forget(instance_id)
 
+    def preload(self, instances: Sequence[Instance]) -> int:
+        """Read the persisted snapshots of instances new to this process, in a few
+        statements (a fresh process, or instances just taken over), so that their first
+        tick here costs what a steady one does; returns how many were usable. One that is
+        missing, stale or unreadable is rebuilt from the rows by the tick, as before."""
+        ids = [i.id_instance for i in instances if self.snapshots.get(i.id_instance) is None]
+        found = 0
+        chunk = PRELOAD_CHUNK
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), chunk):
+                rows = self.store.load_packed(conn, ids[start : start + chunk])
+                found += sum(self._adopt_packed(iid, v, data) for iid, (v, data) in rows.items())
+        return found
+
+    def _snapshot(self, instance: Instance) -> Snapshot | None:
+        """The instance's snapshot for this tick: this process's, else the persisted one
+        (a tick of an instance that was not preloaded), else None."""
+        snap = self.snapshots.get(instance.id_instance)
+        if snap is not None:
+            return snap
+        try:
+            self.preload([instance])
+        except SQLAlchemyError:
+            return None  # the write finds out, and records it
+        return self.snapshots.get(instance.id_instance)
+
+    def _adopt_packed(self, iid: int, version: int, data: bytes) -> bool:
+        try:
+            packed = PackedSnapshot.from_bytes(data)
+        except ValueError as exc:
+            log.info("instance %s: persisted snapshot unreadable (%s); using the rows", iid, exc)
+            return False
+        self.snapshots.keep_packed(iid, packed, version, persisted=True)
+        self.snapshots.settle(iid)
+        return True
+
     def release(self, instance_id: int) -> None:
         """Forget what this process keeps of an instance (another replica owns it now)."""
         self.snapshots.forget(instance_id)
@@ -195,6 +233,7 @@ class Syncer:
         try:
             outcome = self._sync(instance, claim)
         finally:
+            self.snapshots.settle(instance.id_instance)
             lock.release()
         for listener in self.listeners:
             try:
@@ -232,10 +271,16 @@ class Syncer:
             outcome.attempts = fetched.attempts
             outcome.http_status = fetched.http_status
             # elements identical to the last list this process applied skip validation
-            decoded_with = self.snapshots.get(instance.id_instance)
-            known = decoded_with.raw if decoded_with is not None else None
+            decoded_with = self._snapshot(instance)
+            known, body = (None, 0)
+            if decoded_with is not None:
+                known, body = decoded_with.known_for(instance.platform)
             decoded = decode_chats(
-                fetched.body, known=known, track=True, platform=instance.platform
+                fetched.body,
+                known=known,
+                known_body=body,
+                track=True,
+                platform=instance.platform,
             )
         except SyncError as exc:
             outcome.status = "failed"
@@ -382,23 +427,37 @@ class Syncer:
         outcome.ids_changed, outcome.error = counts.ids_changed, notes_text(decoded)
         self.health.note(instance, outcome)
         run = functools.partial(self._run_row, outcome, item.t0)
-        raw = decoded.raw_hashes
-        if isinstance(plan, FirstLoad):
-            outcome.sync_run_id = self.store.write_first_load(conn, locked, plan, run)
-            written = functools.partial(snap.record_first_load, plan.chats, raw)
-        else:
-            outcome.sync_run_id = self.store.write_tick(conn, locked, plan, run)
-            written = functools.partial(snap.record_written, plan.chat_rows, plan.removed, raw)
         aliases = {**ident.aliases, **ident.late}
+        identity = _recorded(snap.identity, ident.changes, aliases)
+        tag = decoder_tag(instance.platform)
+        if isinstance(plan, FirstLoad):
+            packed = snap.after_first_load(plan.chats, decoded, tag, identity)
+            saved = self._snapshot_write(iid, locked, snap, packed, unchanged=False)
+            outcome.sync_run_id = self.store.write_first_load(conn, locked, plan, run, saved)
+        else:
+            packed = snap.after_write(plan.chat_rows, plan.removed, decoded, tag, identity)
+            unchanged = (
+                not plan.chat_rows
+                and not plan.removed
+                and identity is snap.identity
+                and decoded.body_hash == snap.body_hash != 0
+                and tag == snap.tag
+            )
+            saved = self._snapshot_write(iid, locked, snap, packed, unchanged=unchanged)
+            outcome.sync_run_id = self.store.write_tick(conn, locked, plan, run, saved)
         if aliases or ident.changes:
             self.store.write_identity(conn, iid, ident.changes, aliases, now)
+        return functools.partial(
+            self.snapshots.keep_packed, iid, packed, locked.version, persisted=True
+        )
 
-        def after_commit() -> None:
-            written()
-            snap.identity.record(ident.changes, {a: c for a, (c, _) in aliases.items()})
-            self.snapshots.keep(iid, snap, locked.version)
-
-        return after_commit
+    def _snapshot_write(
+        self, iid: int, locked: Locked, snap: Snapshot, packed: PackedSnapshot, *, unchanged: bool
+    ) -> SnapshotWrite:
+        """The instance's persisted snapshot as the tick leaves it: only its version moves
+        on when nothing in it changed and the one persisted is ``snap``."""
+        data = None if unchanged and snap.persisted else packed.to_bytes()
+        return SnapshotWrite(iid, locked.version, data, self.clock())
 
     def _decoded(
         self, item: _Pending, snap: Snapshot, prefetch: _Prefetch | None
@@ -488,16 +547,16 @@ class Syncer:
         outcome.error_kind, outcome.error = verdict.anomaly, verdict.message
         self.health.note(item.instance, outcome)
         row = self._run_row(outcome, item.t0)
-        outcome.sync_run_id = self.store.write_run(conn, locked, row)
         iid = item.instance.id_instance
+        identity = _recorded(snap.identity, [], ident.aliases)
+        packed = snap.packed(identity)
+        saved = self._snapshot_write(iid, locked, snap, packed, unchanged=not ident.aliases)
+        outcome.sync_run_id = self.store.write_run(conn, locked, row, saved)
         if ident.aliases:
             self.store.write_identity(conn, iid, [], ident.aliases, self.clock())
-
-        def after_commit() -> None:
-            snap.identity.record([], {a: c for a, (c, _) in ident.aliases.items()})
-            self.snapshots.keep(iid, snap, locked.version)
-
-        return after_commit
+        return functools.partial(
+            self.snapshots.keep_packed, iid, packed, locked.version, persisted=True
+        )
 
     def _write_lost(
         self, conn: Connection, item: _Pending, outcome: SyncOutcome, locked: Locked
@@ -643,3 +702,14 @@ class Syncer:
             o.attempts,
             o.duration_ms,
         )
+
+
+def _recorded(
+    identity: Identity, changes: Sequence[IdChange], aliases: dict[str, tuple[str, str]]
+) -> Identity:
+    """``identity`` as a tick leaves it: its id changes and the aliases it wrote."""
+    if not changes and not aliases:
+        return identity
+    after = Identity(dict(identity.aliases), dict(identity.current))
+    after.record(changes, {a: c for a, (c, _) in aliases.items()})
+    return after

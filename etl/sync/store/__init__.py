@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import functools
 
-from etl.sync.store.base import Claim, Locked, RunRow, Store, TickState, written_listeners
+from etl.sync.store.base import (
+    Claim,
+    Locked,
+    RunRow,
+    SnapshotWrite,
+    Store,
+    TickState,
+    written_listeners,
+)
 from etl.sync.store.postgresql import PostgresStore
 from etl.sync.store.sqlite import SQLiteStore
 
@@ -13,6 +21,7 @@ __all__ = [
     "Locked",
     "PostgresStore",
     "RunRow",
+    "SnapshotWrite",
     "SQLiteStore",
     "Store",
     "TickState",

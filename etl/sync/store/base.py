@@ -16,7 +16,7 @@ from typing import Any, ClassVar, cast
 from sqlalchemy import Connection, Table, and_, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from etl.models import aliases_t, chats_t, history_t, runs_t, state_t
+from etl.models import aliases_t, chats_t, history_t, runs_t, snapshots_t, state_t
 from etl.sync.guards import GuardState
 from etl.sync.identity import Identity
 from etl.sync.plan import FirstLoad, IdChange, StoredChat, TickPlan
@@ -96,6 +96,17 @@ class Locked:
     #: the tick's claim is no longer held: nothing was bumped, nothing may be written but
     #: the run row (``lease_lost``)
     fenced: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotWrite:
+    """The persisted snapshot a tick leaves (``etl.sync.snapshot``), written with its other
+    writes: ``data`` at ``version``, or (None) the one at the version before, moved on."""
+
+    instance_id: int
+    version: int
+    data: bytes | None
+    now: datetime
 
 
 def fenced_lock(run_id: int | None, change_seq: int | None = None) -> Locked:
@@ -203,6 +214,19 @@ class Store:
             )
         )
         self.insert_run = insert(runs_t).returning(runs_t.c.id)
+        snapshot = self.insert(snapshots_t)
+        self.upsert_snapshot = snapshot.on_conflict_do_update(
+            index_elements=[snapshots_t.c.instance_id],
+            set_={c: snapshot.excluded[c] for c in ("version", "data", "updated_at")},
+        )
+        self.bump_snapshot = (
+            update(snapshots_t)
+            .where(
+                snapshots_t.c.instance_id == bindparam("iid"),
+                snapshots_t.c.version == bindparam("version") - 1,
+            )
+            .values(version=bindparam("version"))
+        )
         alias = self.insert(aliases_t)
         self.upsert_aliases = alias.on_conflict_do_update(
             index_elements=[aliases_t.c.instance_id, aliases_t.c.alias_id],
@@ -360,6 +384,34 @@ class Store:
         ).scalar()
         return int(version or 0)
 
+    def load_packed(self, conn: Connection, ids: Sequence[int]) -> dict[int, tuple[int, bytes]]:
+        """The persisted snapshots of these instances that describe their state as it is
+        (their version is the state's): instance -> (version, data)."""
+        rows = conn.execute(
+            select(snapshots_t.c.instance_id, snapshots_t.c.version, snapshots_t.c.data)
+            .join(state_t, state_t.c.instance_id == snapshots_t.c.instance_id)
+            .where(
+                snapshots_t.c.instance_id.in_(bindparam("ids", expanding=True)),
+                snapshots_t.c.version == state_t.c.version,
+            ),
+            {"ids": list(ids)},
+        )
+        return {r.instance_id: (int(r.version), bytes(r.data)) for r in rows}
+
+    def save_snapshot(self, conn: Connection, snapshot: SnapshotWrite) -> None:
+        """The instance's persisted snapshot, in a statement of its own."""
+        if snapshot.data is None:
+            params = {"iid": snapshot.instance_id, "version": snapshot.version}
+            conn.execute(self.bump_snapshot, params)
+        else:
+            values = {
+                "instance_id": snapshot.instance_id,
+                "version": snapshot.version,
+                "data": snapshot.data,
+                "updated_at": snapshot.now,
+            }
+            conn.execute(self.upsert_snapshot, values)
+
     def load_identity(self, conn: Connection, iid: int) -> Identity:
         """The instance's aliases, and the ids in use that are not the chats' own."""
         aliases = conn.execute(
@@ -374,19 +426,33 @@ class Store:
 
     # -- writes --------------------------------------------------------------------------
 
-    def write_run(self, conn: Connection, locked: Locked, row: dict[str, Any]) -> int:
-        """The run row of a tick that applies nothing (an anomaly); returns its id."""
+    def write_run(
+        self,
+        conn: Connection,
+        locked: Locked,
+        row: dict[str, Any],
+        snapshot: SnapshotWrite | None = None,
+    ) -> int:
+        """The run row of a tick that applies nothing (an anomaly, a lost tick), and its
+        snapshot; returns its id."""
         raise NotImplementedError
 
-    def write_tick(self, conn: Connection, locked: Locked, plan: TickPlan, run: RunRow) -> int:
-        """Every write of ``plan`` and the run row; returns the run's id."""
+    def write_tick(
+        self, conn: Connection, locked: Locked, plan: TickPlan, run: RunRow, snapshot: SnapshotWrite
+    ) -> int:
+        """Every write of ``plan``, the snapshot and the run row; returns the run's id."""
         raise NotImplementedError
 
     def write_first_load(
-        self, conn: Connection, locked: Locked, load: FirstLoad, run: RunRow
+        self,
+        conn: Connection,
+        locked: Locked,
+        load: FirstLoad,
+        run: RunRow,
+        snapshot: SnapshotWrite,
     ) -> int:
         """A first load; by default the same writes as any tick."""
-        return self.write_tick(conn, locked, load.expand(), run)
+        return self.write_tick(conn, locked, load.expand(), run, snapshot)
 
     def write_identity(
         self,

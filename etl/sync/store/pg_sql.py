@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql
 from etl.models import PG_CHANGE_SEQ, chats_t, events_t, history_t
 from etl.sync.plan import FirstLoad, TickPlan
 from etl.sync.rules import MAX_CLOCK_SKEW, first_valid_from_sql
-from etl.sync.store.base import UPSERT_UPDATES
+from etl.sync.store.base import UPSERT_UPDATES, SnapshotWrite
 
 # The lock is taken in ``l`` (materialised, so exactly once) before ``b`` bumps the state;
 # ON CONFLICT DO UPDATE and UPDATE work on the row's latest committed version, even one
@@ -144,6 +144,29 @@ SELECT %s, x.chat_id,
        NULL, %s
 FROM json_to_recordset(%s::json) AS x (chat_id text, valid_from timestamptz) RETURNING 1
 """
+
+
+#: the persisted snapshot a tick leaves; parameters: (instance id, version, data, now)
+_SAVE_SNAPSHOT = """
+INSERT INTO instance_snapshots (instance_id, version, data, updated_at) VALUES (%s, %s, %s, %s)
+ON CONFLICT (instance_id) DO UPDATE
+SET version = excluded.version, data = excluded.data, updated_at = excluded.updated_at
+RETURNING 1
+"""
+#: the one at the version before moves on; parameters: (version, instance id, version - 1)
+_BUMP_SNAPSHOT = """
+UPDATE instance_snapshots SET version = %s WHERE instance_id = %s AND version = %s RETURNING 1
+"""
+
+
+def add_snapshot(stmt: CteStatement, snapshot: SnapshotWrite) -> None:
+    """The tick's persisted snapshot, as a part of its statement."""
+    if snapshot.data is None:
+        args = (snapshot.version, snapshot.instance_id, snapshot.version - 1)
+        stmt.add("sn", "instance_snapshots", _BUMP_SNAPSHOT, *args)
+    else:
+        args2 = (snapshot.instance_id, snapshot.version, snapshot.data, snapshot.now)
+        stmt.add("sn", "instance_snapshots", _SAVE_SNAPSHOT, *args2)
 
 
 @functools.lru_cache(maxsize=512)

@@ -19,7 +19,15 @@ from etl.models import PG_CHANGE_SEQ
 from etl.sync.guards import GuardState
 from etl.sync.plan import FirstLoad, StoredChat, TickPlan
 from etl.sync.store import pg_sql
-from etl.sync.store.base import Locked, RunRow, Store, TickState, fenced_lock, written_listeners
+from etl.sync.store.base import (
+    Locked,
+    RunRow,
+    SnapshotWrite,
+    Store,
+    TickState,
+    fenced_lock,
+    written_listeners,
+)
 
 #: the lock wait was logged as "etl.db" when the lock lived there; kept for log filters
 log = logging.getLogger("etl.db")
@@ -108,25 +116,46 @@ class PostgresStore(Store):
     def _read(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
         return list(conn.exec_driver_sql(pg_sql.LOAD_ROWS, params))
 
-    def write_run(self, conn: Connection, locked: Locked, row: dict[str, Any]) -> int:
+    def write_run(
+        self,
+        conn: Connection,
+        locked: Locked,
+        row: dict[str, Any],
+        snapshot: SnapshotWrite | None = None,
+    ) -> int:
         values = {**row, "id": locked.run_id} if locked.run_id is not None else row
+        if snapshot is not None:
+            stmt = pg_sql.CteStatement()
+            pg_sql.add_snapshot(stmt, snapshot)
+            return self._execute(conn, stmt, values)
         columns, params = pg_sql.values_params([values])
         sql = pg_sql.values_sql("sync_runs", columns, 1, " RETURNING id")
         return int(conn.exec_driver_sql(sql, params).scalar_one())
 
-    def write_tick(self, conn: Connection, locked: Locked, plan: TickPlan, run: RunRow) -> int:
-        run_id = _reserved(locked)
-        return self._execute(conn, pg_sql.tick_statement(plan, run_id), run_id, run)
-
-    def write_first_load(
-        self, conn: Connection, locked: Locked, load: FirstLoad, run: RunRow
+    def write_tick(
+        self, conn: Connection, locked: Locked, plan: TickPlan, run: RunRow, snapshot: SnapshotWrite
     ) -> int:
         run_id = _reserved(locked)
-        return self._execute(conn, pg_sql.first_load_statement(load, run_id), run_id, run)
+        stmt = pg_sql.tick_statement(plan, run_id)
+        pg_sql.add_snapshot(stmt, snapshot)
+        return self._execute(conn, stmt, {**run(), "id": run_id})
+
+    def write_first_load(
+        self,
+        conn: Connection,
+        locked: Locked,
+        load: FirstLoad,
+        run: RunRow,
+        snapshot: SnapshotWrite,
+    ) -> int:
+        run_id = _reserved(locked)
+        stmt = pg_sql.first_load_statement(load, run_id)
+        pg_sql.add_snapshot(stmt, snapshot)
+        return self._execute(conn, stmt, {**run(), "id": run_id})
 
     @staticmethod
-    def _execute(conn: Connection, stmt: pg_sql.CteStatement, run_id: int, run: RunRow) -> int:
-        sql, params, tables = stmt.with_run({**run(), "id": run_id})
+    def _execute(conn: Connection, stmt: pg_sql.CteStatement, run: dict[str, Any]) -> int:
+        sql, params, tables = stmt.with_run(run)
         row = conn.exec_driver_sql(sql, params).one()
         for table, n in zip(tables, row[1:], strict=True):
             for listener in written_listeners:

@@ -16,7 +16,7 @@ from sqlalchemy.dialects import sqlite
 
 from etl.models import UTCDateTime, chats_t, events_t, history_t, presence_t, runs_t
 from etl.sync.plan import TickPlan
-from etl.sync.store.base import Locked, RunRow, Store, TickState, fenced_lock
+from etl.sync.store.base import Locked, RunRow, SnapshotWrite, Store, TickState, fenced_lock
 
 #: chats marked removed per statement
 _REMOVED_CHUNK = 5000
@@ -109,11 +109,22 @@ class SQLiteStore(Store):
     def _seq(self, conn: Connection, locked: Locked) -> int:
         return locked.change_seq if locked.change_seq is not None else self.change_seq(conn)
 
-    def write_run(self, conn: Connection, locked: Locked, row: dict[str, Any]) -> int:
+    def write_run(
+        self,
+        conn: Connection,
+        locked: Locked,
+        row: dict[str, Any],
+        snapshot: SnapshotWrite | None = None,
+    ) -> int:
         seq = self._seq(conn, locked)
+        if snapshot is not None:
+            self.save_snapshot(conn, snapshot)
         return int(conn.execute(self.insert_run, {**row, "change_seq": seq}).scalar_one())
 
-    def write_tick(self, conn: Connection, locked: Locked, plan: TickPlan, run: RunRow) -> int:
+    def write_tick(
+        self, conn: Connection, locked: Locked, plan: TickPlan, run: RunRow, snapshot: SnapshotWrite
+    ) -> int:
+        self.save_snapshot(conn, snapshot)
         seq = self._seq(conn, locked)
         run_id = int(conn.execute(self.insert_run, {**run(), "change_seq": seq}).scalar_one())
         iid = plan.instance_id

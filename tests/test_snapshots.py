@@ -1,0 +1,231 @@
+"""The persisted snapshot (``instance_snapshots``): a new process reads one value per
+instance instead of every chat row, and skips the unchanged elements of its first list; it
+is an optimisation only. Missing, stale (another writer moved the instance on) or corrupt,
+the sync falls back to reading the rows and is just as correct. Both databases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, text
+
+from etl.client import GreenApiClient
+from etl.clock import utcnow
+from etl.ids import link_ids
+from etl.simulator import ChangeRates, Simulator
+from etl.sync import Syncer, register_instances
+from etl.sync.identity import Identity
+from etl.sync.snapshot import PackedSnapshot, SnapshotCache
+from tests.conftest import make_instance
+from tests.factories import check_history_invariants, rows, scalar
+
+RATES = ChangeRates(new=0.02, rename=0.02, archive=0.01, ephemeral=0.03, removal=0.02)
+
+
+@pytest.fixture
+def busy_sim() -> Iterator[Simulator]:
+    with Simulator(instances=2, chats=60, seed=31, rates=RATES) as s:
+        yield s
+
+
+class Reads:
+    """Counts, per statement kind, what a syncer asks of ``chats``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.full: list[str] = []
+        event.listen(engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        flat = " ".join(statement.split()).lower()
+        # a snapshot rebuilt from the table: every chat of the instance, by instance only
+        by_instance = "where chats.instance_id =" in flat or "where instance_id =" in flat
+        some = "chat_id in" in flat or "any(" in flat
+        if "from chats" in flat and by_instance and not some:
+            self.full.append(flat[:80])
+
+    def close(self) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._seen)
+
+
+def _state(engine: Engine, iid: int) -> list[tuple[Any, ...]]:
+    return [
+        tuple(r)
+        for r in rows(
+            engine,
+            "SELECT chat_id, chat_type, name, archived, ephemeral_expiration, "
+            "ephemeral_setting_at, removed_at IS NULL FROM chats WHERE instance_id = :i "
+            "ORDER BY chat_id",
+            i=iid,
+        )
+    ]
+
+
+def _history(engine: Engine, iid: int) -> int:
+    return int(
+        scalar(engine, "SELECT COUNT(*) FROM chat_ephemeral_history WHERE instance_id = :i", i=iid)
+    )
+
+
+def test_a_fresh_process_reads_the_persisted_snapshot_not_the_rows(
+    engine: Engine, busy_sim: Simulator, fast_client: GreenApiClient
+) -> None:
+    inst = make_instance(busy_sim)
+    register_instances(engine, [inst])
+    assert Syncer(engine, fast_client).sync(inst).status == "ok"
+    stored = scalar(
+        engine, "SELECT COUNT(*) FROM instance_snapshots WHERE instance_id = :i", i=inst.id_instance
+    )
+    assert stored == 1
+    for _ in range(3):
+        busy_sim.step()
+        reads = Reads(engine)
+        try:
+            fresh = Syncer(engine, fast_client)  # a new process: nothing cached
+            assert fresh.preload([inst]) == 1
+            out = fresh.sync(inst)
+        finally:
+            reads.close()
+        assert out.status == "ok", out
+        assert reads.full == [], reads.full  # no chat row read to rebuild a snapshot
+    # the same list again, in a new process: nothing written but the run and the state
+    history = _history(engine, inst.id_instance)
+    before = _state(engine, inst.id_instance)
+    out = Syncer(engine, fast_client).sync(inst)
+    assert (out.chats_inserted, out.chats_updated, out.chats_removed) == (0, 0, 0)
+    assert _state(engine, inst.id_instance) == before
+    assert _history(engine, inst.id_instance) == history
+    check_history_invariants(engine)
+
+
+@pytest.mark.parametrize("damage", ["missing", "stale", "corrupt", "other-decoder"])
+def test_a_snapshot_that_cannot_be_used_falls_back_to_the_rows(
+    engine: Engine, busy_sim: Simulator, fast_client: GreenApiClient, damage: str
+) -> None:
+    """Two instances get the same lists: one synced by a single syncer all along (the
+    reference), the other by a new syncer every tick whose persisted snapshot has been
+    damaged first. The stored chats and history end the same."""
+    ref_id, test_id = busy_sim.instance_ids
+    ref, inst = make_instance(busy_sim, ref_id), make_instance(busy_sim, test_id)
+    register_instances(engine, [ref, inst])
+    warm = Syncer(engine, fast_client)
+    for step in range(5):
+        listed = busy_sim.chats(ref_id)
+        before = None
+        if step and damage == "stale":
+            # another writer syncs a renamed list and leaves the snapshot as it was, as a
+            # writer that knows nothing of snapshots would: the state's version moves on
+            before = _snapshot_row(engine, test_id)
+            renamed = [dict(c, name=f"{c['name']} *") if c.get("name") else c for c in listed]
+            busy_sim.set_chats(test_id, renamed)
+            assert Syncer(engine, fast_client).sync(inst).chats_updated > 0
+        busy_sim.set_chats(test_id, listed)
+        assert warm.sync(ref).status == "ok"
+        if step:
+            _damage(engine, test_id, damage, before)
+        reads = Reads(engine)
+        try:
+            out = Syncer(engine, fast_client).sync(inst)
+        finally:
+            reads.close()
+        assert out.status == "ok", out
+        if step:
+            assert reads.full, "the damaged snapshot was used instead of the rows"
+        assert _state(engine, test_id) == _state(engine, ref_id)
+        assert _history(engine, test_id) == _history(engine, ref_id)
+        busy_sim.step()
+    check_history_invariants(engine)
+
+
+def _snapshot_row(engine: Engine, iid: int) -> tuple[bytes, int]:
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT data, version FROM instance_snapshots WHERE instance_id = :i"),
+            {"i": iid},
+        ).one()
+    return bytes(row.data), int(row.version)
+
+
+def _damage(engine: Engine, iid: int, how: str, before: Any = None) -> None:
+    with engine.begin() as conn:
+        if how == "missing":
+            conn.execute(text("DELETE FROM instance_snapshots WHERE instance_id = :i"), {"i": iid})
+        elif how == "stale":  # another writer moved the instance on without its snapshot
+            conn.execute(
+                text(
+                    "UPDATE instance_snapshots SET data = :d, version = :v WHERE instance_id = :i"
+                ),
+                {"d": before[0], "v": before[1], "i": iid},
+            )
+        elif how == "corrupt":
+            data = conn.execute(
+                text("SELECT data FROM instance_snapshots WHERE instance_id = :i"), {"i": iid}
+            ).scalar_one()
+            broken = bytes(data[: len(data) // 2]) + b"\x00garbage"
+            conn.execute(
+                text("UPDATE instance_snapshots SET data = :d WHERE instance_id = :i"),
+                {"d": broken, "i": iid},
+            )
+        elif how == "other-decoder":  # a snapshot an older release's decoder judged
+            data = conn.execute(
+                text("SELECT data FROM instance_snapshots WHERE instance_id = :i"), {"i": iid}
+            ).scalar_one()
+            packed = PackedSnapshot.from_bytes(bytes(data))
+            packed.tag = "whatsapp/0"
+            # the element hashes say nothing for this decoder; the fingerprints still hold,
+            # so no rows are read: the elements are all parsed again instead
+            conn.execute(
+                text("UPDATE instance_snapshots SET data = :d WHERE instance_id = :i"),
+                {"d": packed.to_bytes(), "i": iid},
+            )
+            conn.execute(
+                text("UPDATE instance_sync_state SET version = version + 1 WHERE instance_id = :i"),
+                {"i": iid},
+            )
+
+
+def test_an_operator_link_makes_the_next_process_read_the_rows(
+    engine: Engine, busy_sim: Simulator, fast_client: GreenApiClient
+) -> None:
+    """``etl ids link`` bumps the state version without rewriting the snapshot: a process
+    started afterwards must not trust the snapshot (it knows nothing of the new alias)."""
+    inst = make_instance(busy_sim)
+    register_instances(engine, [inst])
+    assert Syncer(engine, fast_client).sync(inst).status == "ok"
+    chat = busy_sim.chats(inst.id_instance)[0]["id"]
+    assert isinstance(chat, str)
+    assert link_ids(engine, inst.id_instance, [(chat, "999@lid")], now=utcnow()).linked == 1
+    fresh = Syncer(engine, fast_client)
+    assert fresh.preload([inst]) == 0  # stale: its version is behind the state's
+
+
+def test_packed_snapshots_round_trip_and_refuse_garbage() -> None:
+    cache = SnapshotCache()
+
+    packed = PackedSnapshot.pack(
+        {"1@c.us": 11, "2@c.us": -22, "3@g.us": 33},
+        {"2@c.us"},
+        {101: "1@c.us", 303: "3@g.us", 404: "9@lid"},
+        555,
+        "whatsapp/1",
+        Identity({"9@lid": "1@c.us"}, {"1@c.us": "9@lid"}),
+    )
+    again = PackedSnapshot.from_bytes(packed.to_bytes())
+    snap = again.unpack(7, persisted=True)
+    assert snap.fingerprints == {"1@c.us": 11, "2@c.us": -22, "3@g.us": 33}
+    assert snap.removed == {"2@c.us"}
+    assert snap.raw == {101: "1@c.us", 303: "3@g.us", 404: "9@lid"}
+    assert (snap.body_hash, snap.tag, snap.version, snap.persisted) == (555, "whatsapp/1", 7, True)
+    assert snap.identity.aliases == {"9@lid": "1@c.us"}
+    assert snap.identity.current == {"1@c.us": "9@lid"}
+    data = packed.to_bytes()
+    for broken in (b"", b"nope", data[:-1], data + b"x", b"CSS1" + data[4:20]):
+        with pytest.raises(ValueError):
+            PackedSnapshot.from_bytes(broken)
+    cache.keep_packed(1, packed, 3, persisted=True)
+    assert cache.get_current(1, 5) is None  # another writer wrote version 4
+    assert cache.get_current(1, 4) is cache.get(1)  # unpacked once per tick
+    cache.settle(1)
+    assert cache.get(1) is not None
