@@ -45,6 +45,17 @@ class Identity:
     def in_use(self, chat_id: str) -> str:
         return self.current.get(chat_id, chat_id)
 
+    def after(
+        self, changes: Collection[IdChange], aliases: Mapping[str, tuple[str, str]]
+    ) -> Identity:
+        """These ids as a tick leaves them (``aliases``: alias -> (chat, source)); itself
+        when the tick changed none."""
+        if not changes and not aliases:
+            return self
+        out = Identity(dict(self.aliases), dict(self.current))
+        out.record(changes, {a: c for a, (c, _) in aliases.items()})
+        return out
+
     def record(self, changes: Collection[IdChange], aliases: Mapping[str, str]) -> None:
         """After commit: the id changes and the aliases a tick wrote."""
         self.aliases.update(aliases)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from etl.errors import ErrorKind
+
+#: every line of a tick comes from one logger, "etl.sync", whichever part writes it
+log = logging.getLogger("etl.sync")
 
 
 @dataclass(slots=True)
@@ -57,3 +61,22 @@ class SyncOutcome:
             "ids_changed": self.ids_changed,
             "instance_state": self.instance_state,
         }
+
+
+def log_outcome(o: SyncOutcome) -> None:
+    """The log line of a tick that got a list (ok or anomaly)."""
+    log.info(
+        "instance %s: %s%s received=%d inserted=%d updated=%d removed=%d rejected=%d "
+        "ephemeral_changes=%d attempts=%d in %dms",
+        o.instance_id,
+        o.status,
+        f" ({o.error_kind})" if o.error_kind else "",
+        o.chats_received,
+        o.chats_inserted,
+        o.chats_updated,
+        o.chats_removed,
+        o.chats_rejected,
+        o.ephemeral_changes,
+        o.attempts,
+        o.duration_ms,
+    )

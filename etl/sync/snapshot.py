@@ -25,15 +25,26 @@ Three forms:
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import Engine
+
+from etl.config import Instance
 from etl.payload import DECODER_VERSION, ChatRecord, DecodedChats
 from etl.sync.fingerprints import chat_fingerprint, fingerprint, row_fingerprint
 from etl.sync.identity import Identity
+
+if TYPE_CHECKING:  # the store builds snapshots: it imports this module
+    from etl.sync.store import Store
+
+#: every line of a tick comes from one logger, "etl.sync", whichever part writes it
+log = logging.getLogger("etl.sync")
 
 __all__ = [
     "PackedSnapshot",
@@ -42,6 +53,7 @@ __all__ = [
     "chat_fingerprint",
     "decoder_tag",
     "fingerprint",
+    "preload",
     "row_fingerprint",
 ]
 
@@ -347,3 +359,30 @@ class SnapshotCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+#: persisted snapshots read per statement (``preload``)
+PRELOAD_CHUNK = 500
+
+
+def preload(
+    engine: Engine, store: Store, cache: SnapshotCache, instances: Sequence[Instance]
+) -> int:
+    """Read the persisted snapshots of the instances ``cache`` has none of, a few
+    statements for all of them, so that their first tick in this process costs what a
+    steady one does; returns how many were usable. One that is missing, stale or
+    unreadable is rebuilt from the rows by the tick, as before."""
+    ids = [i.id_instance for i in instances if cache.get(i.id_instance) is None]
+    found = 0
+    with engine.connect() as conn:
+        for start in range(0, len(ids), PRELOAD_CHUNK):
+            rows = store.load_packed(conn, ids[start : start + PRELOAD_CHUNK])
+            for iid, (version, data) in rows.items():
+                try:
+                    packed = PackedSnapshot.from_bytes(data)
+                except ValueError as exc:
+                    log.info("instance %s: persisted snapshot unreadable (%s)", iid, exc)
+                    continue
+                cache.keep_packed(iid, packed, version, persisted=True)
+                found += 1
+    return found

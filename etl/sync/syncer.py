@@ -30,14 +30,14 @@ from etl.config import Instance
 from etl.errors import ApiError, ErrorKind, SyncError
 from etl.payload import ChatRecord, DecodedChats, decode_chats
 from etl.redact import redact
-from etl.sync.backlog import FailureBacklog
+from etl.sync.failures import FailureLog, log_failure
 from etl.sync.group_commit import GroupCommit, Queued
 from etl.sync.guards import CLEAR, Verdict, judge
 from etl.sync.health import HealthBook
 from etl.sync.identify import Identified, IdStep, notes_text
-from etl.sync.identity import Identity, translate
+from etl.sync.identity import translate
 from etl.sync.linking import Asked, Linker
-from etl.sync.outcome import SyncOutcome
+from etl.sync.outcome import SyncOutcome, log_outcome
 from etl.sync.plan import (
     FirstLoad,
     IdChange,
@@ -46,14 +46,12 @@ from etl.sync.plan import (
     plan_tick,
     vanished_chats,
 )
-from etl.sync.snapshot import PackedSnapshot, Snapshot, SnapshotCache, decoder_tag
+from etl.sync.snapshot import PackedSnapshot, Snapshot, SnapshotCache, decoder_tag, preload
 from etl.sync.store import Claim, Locked, SnapshotWrite, TickState, store_for
 
 #: every line of a tick comes from one logger, "etl.sync", whichever part writes it
 log = logging.getLogger("etl.sync")
 
-#: persisted snapshots read per statement (``Syncer.preload``)
-PRELOAD_CHUNK = 500
 #: the most ticks written in one transaction (group commit)
 GROUP_LIMIT = 32
 #: how many groups are written at once (see ``etl.sync.group_commit``; the figures behind
@@ -112,8 +110,8 @@ class Syncer:
         #: checkWhatsapp lookups for the ids of an id switch
         self.linker = Linker(client)
         self.ids = IdStep(engine, self.store, self.snapshots, self.linker, clock)
-        #: failed ticks not yet in ``sync_runs`` because the database was unreachable too
-        self.backlog = FailureBacklog()
+        #: failed ticks: recorded, or kept while the database is unreachable
+        self.failures = FailureLog(engine, self.store, self.health, clock)
         self.group: GroupCommit[_Pending, SyncOutcome] = GroupCommit(
             self._write_group, limit=GROUP_LIMIT, writers=GROUP_WRITERS
         )
@@ -178,18 +176,9 @@ class Syncer:
         self.snapshots.forget(instance_id)
 
     def preload(self, instances: Sequence[Instance]) -> int:
-        """Read the persisted snapshots of instances new to this process, in a few
-        statements (a fresh process, or instances just taken over), so that their first
-        tick here costs what a steady one does; returns how many were usable. One that is
-        missing, stale or unreadable is rebuilt from the rows by the tick, as before."""
-        ids = [i.id_instance for i in instances if self.snapshots.get(i.id_instance) is None]
-        found = 0
-        chunk = PRELOAD_CHUNK
-        with self.engine.connect() as conn:
-            for start in range(0, len(ids), chunk):
-                rows = self.store.load_packed(conn, ids[start : start + chunk])
-                found += sum(self._adopt_packed(iid, v, data) for iid, (v, data) in rows.items())
-        return found
+        """Read the persisted snapshots of instances new to this process
+        (``snapshot.preload``); returns how many were usable."""
+        return preload(self.engine, self.store, self.snapshots, instances)
 
     def _snapshot(self, instance: Instance) -> Snapshot | None:
         """The instance's snapshot for this tick: this process's, else the persisted one
@@ -202,16 +191,6 @@ class Syncer:
         except SQLAlchemyError:
             return None  # the write finds out, and records it
         return self.snapshots.get(instance.id_instance)
-
-    def _adopt_packed(self, iid: int, version: int, data: bytes) -> bool:
-        try:
-            packed = PackedSnapshot.from_bytes(data)
-        except ValueError as exc:
-            log.info("instance %s: persisted snapshot unreadable (%s); using the rows", iid, exc)
-            return False
-        self.snapshots.keep_packed(iid, packed, version, persisted=True)
-        self.snapshots.settle(iid)
-        return True
 
     def release(self, instance_id: int) -> None:
         """Forget what this process keeps of an instance (another replica owns it now)."""
@@ -253,12 +232,12 @@ class Syncer:
             return outcome
         outcome = self.group.submit(pending)
         if outcome.error_kind == ErrorKind.LEASE_LOST:
-            self._log_failure(outcome)  # its run row is written, nothing else
+            log_failure(outcome)  # its run row is written, nothing else
             return outcome
         if outcome.status == "failed":
             self._write_failure(instance, outcome, claim)
             return outcome
-        self._log(instance, outcome)
+        log_outcome(outcome)
         self.flush_unrecorded()
         return outcome
 
@@ -428,7 +407,7 @@ class Syncer:
         self.health.note(instance, outcome)
         run = functools.partial(self._run_row, outcome, item.t0)
         aliases = {**ident.aliases, **ident.late}
-        identity = _recorded(snap.identity, ident.changes, aliases)
+        identity = snap.identity.after(ident.changes, aliases)
         tag = decoder_tag(instance.platform)
         if isinstance(plan, FirstLoad):
             packed = snap.after_first_load(plan.chats, decoded, tag, identity)
@@ -548,7 +527,7 @@ class Syncer:
         self.health.note(item.instance, outcome)
         row = self._run_row(outcome, item.t0)
         iid = item.instance.id_instance
-        identity = _recorded(snap.identity, [], ident.aliases)
+        identity = snap.identity.after([], ident.aliases)
         packed = snap.packed(identity)
         saved = self._snapshot_write(iid, locked, snap, packed, unchanged=not ident.aliases)
         outcome.sync_run_id = self.store.write_run(conn, locked, row, saved)
@@ -606,110 +585,16 @@ class Syncer:
         return outcome
 
     def _write_failure(self, instance: Instance, outcome: SyncOutcome, claim: Claim | None) -> None:
-        """Record a failed tick in its own transaction, with the instance's failures and
-        next due time in its state row; keep it for later if even that fails."""
-        iid = instance.id_instance
-        delay = outcome.backoff_seconds or instance.interval_seconds
-        try:
-            with self.engine.begin() as conn:
-                outcome.sync_run_id = self.store.write_failure(conn, outcome.row())
-                self.store.note_failure(
-                    conn,
-                    iid,
-                    failures=self.health.consecutive_failures(iid),
-                    kind=None if outcome.error_kind is None else str(outcome.error_kind),
-                    due=outcome.started_at + timedelta(seconds=delay),
-                    now=self.clock(),
-                    claim=claim,
-                )
-        except SQLAlchemyError as exc:
-            self.defer_failure(outcome, type(exc).__name__)
-            return
-        self._log_failure(outcome)
-        self.flush_unrecorded()
+        self.failures.write(instance, outcome, claim)
 
     def defer_failure(self, outcome: SyncOutcome, reason: str) -> None:
-        """A failed tick that cannot be written now: log it, write it when the database
-        answers again (after the next transaction that succeeds)."""
-        self.backlog.defer(outcome, reason)
+        """A failed tick that cannot be written now (``FailureLog.defer``)."""
+        self.failures.defer(outcome, reason)
 
     def unreachable_outcome(self, instance: Instance, error: str) -> SyncOutcome:
         """A tick that never started because the database could not be reached."""
-        now = self.clock()
-        return SyncOutcome(
-            instance.id_instance,
-            "failed",
-            now,
-            finished_at=now,
-            error_kind=ErrorKind.DATABASE,
-            error=redact(error),
-            duration_ms=0,
-        )
+        return self.failures.unreachable(instance, error)
 
     def flush_unrecorded(self) -> int:
         """Write the failed ticks kept while the database was away; returns how many."""
-        if not self.backlog:  # the common case, without the lock
-            return 0
-        pending, dropped = self.backlog.take()
-        if not pending:
-            return 0
-        try:
-            with self.engine.begin() as conn:
-                self.store.write_failures(conn, [o.row() for o in pending])
-        except SQLAlchemyError as exc:
-            self.backlog.put_back(pending, dropped)
-            log.warning(
-                "could not yet write %d failed ticks to sync_runs: %s",
-                len(pending),
-                type(exc).__name__,
-            )
-            return 0
-        log.info(
-            "wrote %d failed ticks kept while the database was unreachable to sync_runs%s",
-            len(pending),
-            f" ({dropped} older ones were dropped, over the limit of {self.backlog.limit})"
-            if dropped
-            else "",
-        )
-        return len(pending)
-
-    @staticmethod
-    def _log_failure(outcome: SyncOutcome) -> None:
-        log.warning(
-            "instance %s: sync failed kind=%s http=%s attempts=%d in %dms: %s",
-            outcome.instance_id,
-            outcome.error_kind,
-            outcome.http_status,
-            outcome.attempts,
-            outcome.duration_ms,
-            outcome.error,
-        )
-
-    @staticmethod
-    def _log(instance: Instance, o: SyncOutcome) -> None:
-        log.info(
-            "instance %s: %s%s received=%d inserted=%d updated=%d removed=%d rejected=%d "
-            "ephemeral_changes=%d attempts=%d in %dms",
-            instance.id_instance,
-            o.status,
-            f" ({o.error_kind})" if o.error_kind else "",
-            o.chats_received,
-            o.chats_inserted,
-            o.chats_updated,
-            o.chats_removed,
-            o.chats_rejected,
-            o.ephemeral_changes,
-            o.attempts,
-            o.duration_ms,
-        )
-
-
-def _recorded(
-    identity: Identity, changes: Sequence[IdChange], aliases: dict[str, tuple[str, str]]
-) -> Identity:
-    """``identity`` as a tick leaves it: its id changes and the aliases it wrote."""
-    if not changes and not aliases:
-        return identity
-    after = Identity(dict(identity.aliases), dict(identity.current))
-    after.record(changes, {a: c for a, (c, _) in aliases.items()})
-    return after
+        return self.failures.flush()
