@@ -10,11 +10,13 @@ against the Green-API simulator (``etl.simulator``) running in a process of its 
 driven over a ``multiprocessing`` pipe.
 
 A run is: one cold tick (empty database), ``--ticks`` steady ticks (the simulator is
-stepped before each, changing about ``--change-rate`` of the chats) and one no-change tick
-(same lists again). By default each tick is run twice on the same simulator state: first
-the *floor* (fetch + decode + normalise through the same client and thread pool, no
-database), then the *db* pass (the full sync); the summary's ratios come from these side by
-side pairs, because absolute times drift on a shared machine. ``--floor`` runs only the
+stepped before each, changing about ``--change-rate`` of the chats), one no-change tick
+(same lists again) and ``--takeover`` steady ticks each by a new ``Syncer`` (nothing in
+memory, as a replica that has just taken the instances over). By default each tick is run
+twice on the same simulator state: first the *floor* (fetch + decode + normalise through
+the same client and thread pool, no database), then the *db* pass (the full sync); the
+summary's ratios come from these side by side pairs, because absolute times drift on a
+shared machine. ``--floor`` runs only the
 floor, ``--no-floor`` only the db pass.
 
 Output: one JSON line per pass (``"type": "tick"``), then one ``"type": "summary"`` line.
@@ -424,8 +426,9 @@ def summarise_outcomes(outcomes: Sequence[SyncOutcome]) -> tuple[dict[str, int],
 # --- the run -----------------------------------------------------------------------------
 
 
-def tick_plan(ticks: int, *, no_change: bool = True) -> list[str]:
-    return ["cold"] + ["steady"] * ticks + (["nochange"] if no_change else [])
+def tick_plan(ticks: int, *, no_change: bool = True, takeover: int = 0) -> list[str]:
+    plan = ["cold"] + ["steady"] * ticks + (["nochange"] if no_change else [])
+    return plan + ["takeover"] * takeover
 
 
 def emit(line: dict[str, Any], out: Any = None) -> None:
@@ -522,7 +525,7 @@ def hotspots(collapsed: str, top: int = 15) -> dict[str, list[tuple[float, str]]
 def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
     """Run the benchmark; prints the JSON lines and returns the summary."""
     modes = ["floor"] if args.floor else (["db"] if args.no_floor else ["floor", "db"])
-    plan = tick_plan(args.ticks, no_change=not args.no_nochange)
+    plan = tick_plan(args.ticks, no_change=not args.no_nochange, takeover=args.takeover)
     common = {
         "instances": args.instances,
         "chats": args.chats,
@@ -567,8 +570,12 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
         prepare_s = sim.prepare()
         profiler = PySpy(args.py_spy, gil=not args.py_spy_all) if args.py_spy else None
         for number, phase in enumerate(plan):
-            if phase == "steady":
+            if phase in ("steady", "takeover"):
                 prepare_s = sim.step(1)
+            if phase == "takeover" and syncer is not None:
+                # a syncer with nothing in memory, as a replica that has just taken the
+                # instances over (or a restarted daemon): it reads the persisted snapshots
+                syncer = Syncer(engine, client)
             elif phase == "nochange":
                 prepare_s = 0.0
             for mode in modes:
@@ -646,8 +653,10 @@ def summarise(
 
     summary: dict[str, Any] = {"type": "summary", **common, "register_s": register_s}
     ref = db or floor
-    for phase in ("cold", "steady", "nochange"):
+    for phase in ("cold", "steady", "nochange", "takeover"):
         ticks = phase_ticks(ref, phase)
+        if phase == "takeover" and not ticks:
+            continue
         entry: dict[str, Any] = {"ticks": len(ticks)}
         if floor:
             entry["floor_wall_s"] = med([floor[t]["wall_s"] for t in ticks if t in floor])
@@ -744,6 +753,13 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--floor", action="store_true", help="fetch + decode only, no database")
     mode.add_argument("--no-floor", action="store_true", help="db passes only, no floor pairs")
     p.add_argument("--no-nochange", action="store_true", help="skip the final no-change tick")
+    p.add_argument(
+        "--takeover",
+        type=int,
+        default=0,
+        help="then this many steady ticks by a new syncer each (nothing in memory: a replica "
+        "taking the instances over, a restart)",
+    )
     p.add_argument(
         "--log-level",
         default="INFO",
