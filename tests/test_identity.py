@@ -109,6 +109,16 @@ def test_a_genuine_removal_in_a_switch_stays_a_removal() -> None:
     assert s.aliases == {} and s.to_ask == []
 
 
+def test_a_lid_that_is_a_stored_chat_of_its_own_is_never_an_alias() -> None:
+    """A person with a chat under each id (L3 stored apart from P3): P3 vanishes, and
+    checkWhatsapp says its lid is L3. L3 stays a chat of its own; no alias names it."""
+    present = {P1, P2, P3, L3}
+    answers = {P1: Answer(True, L1), P2: Answer(True, L2), P3: Answer(True, L3)}
+    s = switch_of([L1, L2], present, answers)
+    assert sorted(s.links) == [(P1, P1, L1), (P2, P2, L2)]
+    assert s.aliases == {}  # P3 went; L3 (gone too) is not P3's alias
+
+
 def test_a_chat_whose_lid_is_known_is_not_asked_again() -> None:
     ident = Identity(aliases={L3: P3})
     s = switch_of([L1], {P1, P3}, {P1: Answer(True, L1)}, identity=ident)

@@ -212,6 +212,10 @@ def find_switch(
     if LID in active:
         news = _plausible_new(new[PHONE], gone[LID], in_table, switch)
         _lids_to_phones(out, gone[LID], news, identity, answers)
+    # an id that is a stored chat's own is that chat: never an alias of another one (the
+    # person had a chat under each id; a link never merges two stored chats)
+    out.aliases = {a: c for a, c in out.aliases.items() if a not in in_table}
+    out.late_aliases = {a: c for a, c in out.late_aliases.items() if a not in in_table}
     return out
 
 
