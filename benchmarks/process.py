@@ -27,7 +27,8 @@ wall and CPU times and the median of the per-pass ``sync / floor`` wall ratios.
 first getChats request, for the floor process, for ``etl sync --once`` into an empty
 migrated database (``new``: it registers every instance first) and into a database that a
 complete ``etl sync --once`` filled before (``registered``). Each process is killed once
-its first request arrived.
+its first request arrived. Give ``--etl-path`` more than once to compare the sync of
+several trees (a checkout of another commit) side by side, interleaved.
 
 Output: one JSON line per process (``"type": "process"`` or ``"first_request"``), then a
 ``"type": "summary"`` line. Fields of a process line:
@@ -366,7 +367,8 @@ class Bench:
     config: Path
     work: Path
     workers: int
-    etl_path: Path
+    #: the trees whose etl package the sync runs (more than one: compared side by side)
+    etl_paths: list[Path]
     decoder: str
     db_sample_seconds: float
     log_level: str
@@ -394,10 +396,11 @@ class Bench:
             "--no-progress",
         ]
 
-    def start(self, mode: str, url: str | None) -> float:
-        """Spawn the ``mode`` process; when it was spawned (``time.monotonic()``)."""
+    def start(self, mode: str, url: str | None, tree: int = 0) -> float:
+        """Spawn the ``mode`` process (a sync of ``etl_paths[tree]``); when it was spawned
+        (``time.monotonic()``)."""
         out, err = self.work / f"{mode}.out", self.work / f"{mode}.err"
-        env = child_env(self.etl_path if mode == "sync" else ROOT)
+        env = child_env(self.etl_paths[tree] if mode == "sync" else ROOT)
         cmd = self.command(mode, url)
         return self.launcher.start(cmd, env=env, cwd=self.work, out=out, err=err)[1]
 
@@ -421,10 +424,10 @@ class Bench:
             print(f"{mode} exited {done.exit_code}:\n{tail}", file=sys.stderr)
         return line
 
-    def first_request(self, mode: str, url: str | None, timeout: float) -> Finished:
+    def first_request(self, mode: str, url: str | None, timeout: float, tree: int = 0) -> Finished:
         """Spawn a process, wait for its first getChats request, kill it."""
         self.sim.reset()
-        t0 = self.start(mode, url)
+        t0 = self.start(mode, url, tree)
         at = None
         while at is None and _alive(self.launcher.pid) and time.monotonic() < t0 + timeout:
             time.sleep(0.02)
@@ -482,12 +485,15 @@ def run_phases(
 def run_first_request(
     args: argparse.Namespace, bench: Bench, dbs: Databases, common: dict[str, Any]
 ) -> None:
+    kinds: list[tuple[str, int]] = [("floor", 0)]
+    for tree in range(len(bench.etl_paths)):
+        kinds += [("new", tree), ("registered", tree)]
     with dbs.fresh() as registered:
         setup = bench.run("sync", registered)  # a complete first pass fills it
         emit({"type": "setup", **common, "what": "registered database", **setup})
         for run in range(args.runs):
-            kinds = ["floor", "new", "registered"]
-            for kind in kinds[run % 3 :] + kinds[: run % 3]:  # each goes first in turn
+            turn = run % len(kinds)
+            for kind, tree in kinds[turn:] + kinds[:turn]:  # each goes first in turn
                 with contextlib.ExitStack() as stack:
                     if kind == "floor":
                         mode, url = "floor", None
@@ -495,10 +501,12 @@ def run_first_request(
                         mode, url = "sync", stack.enter_context(dbs.fresh())
                     else:
                         mode, url = "sync", registered
-                    done = bench.first_request(mode, url, args.first_request_timeout)
+                    done = bench.first_request(mode, url, args.first_request_timeout, tree)
                 line = {"type": "first_request", "run": run, "kind": kind, **common}
+                if mode == "sync":
+                    line["etl_path"] = str(bench.etl_paths[tree])
                 line["first_request_s"] = _round(done.first_request_s)
-                bench.records[kind].append(line)
+                bench.records[kind if tree == 0 else f"{kind}@{tree}"].append(line)
                 emit(line)
 
 
@@ -540,23 +548,39 @@ def summarise_phases(records: dict[str, list[dict[str, Any]]]) -> dict[str, Any]
     return out
 
 
-def summarise_first_request(records: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for kind in ("floor", "new", "registered"):
-        values = [r["first_request_s"] for r in records[kind]]
-        out[kind] = {
-            "runs": len(values),
-            "median_s": _median(values),
-            "min_s": _round(min((v for v in values if v is not None), default=None)),
-            "max_s": _round(max((v for v in values if v is not None), default=None)),
-            "missing": sum(v is None for v in values),
+def summarise_first_request(
+    records: dict[str, list[dict[str, Any]]], trees: Sequence[Path]
+) -> dict[str, Any]:
+    """Medians per kind: ``floor``, then ``new`` and ``registered`` of the first tree at the
+    top level and of every tree under ``trees``."""
+    out: dict[str, Any] = {"floor": _first_request_stats(records["floor"])}
+    out["trees"] = [
+        {"etl_path": str(path)}
+        | {
+            kind: _first_request_stats(records[kind if n == 0 else f"{kind}@{n}"])
+            for kind in ("new", "registered")
         }
+        for n, path in enumerate(trees)
+    ]
+    out |= {kind: out["trees"][0][kind] for kind in ("new", "registered")}
     out["goals"] = {
         f"{kind}_first_request_within_{FIRST_REQUEST_GOAL_S:g}s": out[kind]["median_s"] is not None
         and out[kind]["median_s"] <= FIRST_REQUEST_GOAL_S
         for kind in ("new", "registered")
     }
     return out
+
+
+def _first_request_stats(lines: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    values = [r["first_request_s"] for r in lines]
+    present = [v for v in values if v is not None]
+    return {
+        "runs": len(values),
+        "median_s": _median(present),
+        "min_s": _round(min(present, default=None)),
+        "max_s": _round(max(present, default=None)),
+        "missing": len(values) - len(present),
+    }
 
 
 # --- the command line --------------------------------------------------------------------
@@ -591,7 +615,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config=config,
             work=work,
             workers=args.workers,
-            etl_path=args.etl_path.resolve(),
+            etl_paths=args.etl_path,
             decoder=args.decoder,
             db_sample_seconds=args.db_sample_seconds,
             log_level=args.log_level,
@@ -600,12 +624,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sim.prepare()
         if args.first_request:
             run_first_request(args, bench, dbs, common)
-            result = summarise_first_request(bench.records)
+            result = summarise_first_request(bench.records, bench.etl_paths)
         else:
             run_phases(args, bench, dbs, common)
             result = summarise_phases(bench.records)
     summary = {"type": "summary", "mode": "first_request" if args.first_request else "phases"}
-    summary |= {**common, "etl_path": str(args.etl_path), **result}
+    summary |= {**common, "etl_path": [str(path) for path in args.etl_path], **result}
     emit(summary)
     return summary
 
@@ -648,9 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--etl-path",
         type=Path,
-        default=ROOT,
-        help="the tree whose etl package the sync runs (another checkout to "
-        "measure it with this script)",
+        action="append",
+        help="the tree whose etl package the sync runs (default: this checkout); with "
+        "--first-request, give it more than once to compare trees side by side",
     )
     p.add_argument("--db-sample-seconds", type=float, default=0.2)
     p.add_argument(
@@ -673,6 +697,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--instances, --chats, --runs and --workers must be >= 1")
     if args.nochange_ticks < 0:
         raise SystemExit("--nochange-ticks must be >= 0")
+    args.etl_path = [path.resolve() for path in args.etl_path or [ROOT]]
+    if len(args.etl_path) > 1 and not args.first_request:
+        raise SystemExit("several --etl-path are compared with --first-request only")
     summary = run(args)
     if summary["mode"] == "phases" and not summary["every_sync_ok"]:
         print("some sync did not end ok", file=sys.stderr)
