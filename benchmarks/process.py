@@ -19,8 +19,9 @@ A run is one **cold** pass (first load into an empty, freshly migrated database:
 a migrated template), ``--ticks`` **steady** passes (the simulator stepped before each,
 about ``--change-rate`` of the chats changed) and ``--nochange-ticks`` **no-change**
 passes (the same lists again); ``--runs`` runs, each into a database of its own. The two
-processes of a pass alternate which goes first. Per phase the summary gives medians of the
-wall and CPU times and the median of the per-pass ``sync / floor`` wall ratios.
+processes of a pass alternate which goes first, phase by phase. Per phase the summary
+gives medians of the wall and CPU times and the median of the per-pass ``sync / floor``
+wall ratios.
 
 ``--first-request`` measures start-up instead: with ``--instances`` configured (default
 10,000; tiny lists), the time from spawning a process until the simulator receives its
@@ -466,13 +467,13 @@ def pass_plan(ticks: int, nochange: int) -> list[str]:
 def run_phases(
     args: argparse.Namespace, bench: Bench, dbs: Databases, common: dict[str, Any]
 ) -> None:
-    pair = 0
+    pairs: Counter[str] = Counter()  # per phase, so that each phase alternates the order
     for run in range(args.runs):
         with dbs.fresh() as url:
             for tick, phase in enumerate(pass_plan(args.ticks, args.nochange_ticks)):
                 prepare_s = bench.sim.step(1) if phase == "steady" else 0.0
-                order = ["floor", "sync"] if pair % 2 == 0 else ["sync", "floor"]
-                pair += 1
+                order = ["floor", "sync"] if pairs[phase] % 2 == 0 else ["sync", "floor"]
+                pairs[phase] += 1
                 for position, mode in enumerate(order):
                     line = {"type": "process", "run": run, "tick": tick, "phase": phase}
                     line |= {**common, "first": position == 0}
