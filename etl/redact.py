@@ -24,6 +24,9 @@ _secrets: frozenset[str] = frozenset()
 #: on every log line; the check is one split of the line.
 _shortest = 0
 _spaced = False
+#: any whitespace, as ``str.split()`` splits on it: searched by the regular expression
+#: engine, not by a Python loop over every character of every token of a fleet
+_WHITESPACE = re.compile(r"\s")
 # Green-API's path shape: /waInstance<id>/<method>/<token>. Masks unregistered tokens too.
 _PATH_TOKEN = re.compile(r"(/waInstance\d+/[A-Za-z]+/)[^/?#\s'\"]+")
 
@@ -47,7 +50,7 @@ def register_secrets(secrets: Iterable[str]) -> None:
         # every token again at each registration)
         shortest = min(map(len, new))
         _shortest = min(_shortest, shortest) if _secrets else shortest
-        _spaced = _spaced or any(c.isspace() for s in new for c in s)
+        _spaced = _spaced or any(map(_WHITESPACE.search, new))
         _secrets = _secrets | new
 
 
