@@ -74,6 +74,7 @@ from fleet import (  # noqa: E402
     ROOT,
     SimProcess,
     emit,
+    hotspots,
     proc_cpu_seconds,
     scratch_database,
 )
@@ -374,9 +375,14 @@ class Bench:
     db_sample_seconds: float
     log_level: str
     launcher: Launcher
+    #: ``py-spy record`` wraps the sync processes whose output names it gives (run_phases)
+    py_spy: Path | None = None
     records: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
 
-    def command(self, mode: str, url: str | None) -> list[str]:
+    def command(self, mode: str, url: str | None, profile: Path | None = None) -> list[str]:
+        if profile is not None:  # sampled by py-spy: the thread holding the GIL, i.e. the CPU
+            spy = ["py-spy", "record", "--gil", "--rate", "100", "--format", "raw"]
+            return [*spy, "--output", str(profile), "--", *self.command(mode, url)]
         if mode == "floor":
             return [sys.executable, str(FLOOR), "--config", str(self.config)] + [
                 "--workers",
@@ -397,21 +403,25 @@ class Bench:
             "--no-progress",
         ]
 
-    def start(self, mode: str, url: str | None, tree: int = 0) -> float:
-        """Spawn the ``mode`` process (a sync of ``etl_paths[tree]``); when it was spawned
-        (``time.monotonic()``)."""
+    def start(
+        self, mode: str, url: str | None, tree: int = 0, profile: Path | None = None
+    ) -> float:
+        """Spawn the ``mode`` process (a sync of ``etl_paths[tree]``, under py-spy into
+        ``profile`` if given); when it was spawned (``time.monotonic()``)."""
         out, err = self.work / f"{mode}.out", self.work / f"{mode}.err"
         env = child_env(self.etl_paths[tree] if mode == "sync" else ROOT)
-        cmd = self.command(mode, url)
+        cmd = self.command(mode, url, profile)
         return self.launcher.start(cmd, env=env, cwd=self.work, out=out, err=err)[1]
 
-    def run(self, mode: str, url: str | None) -> dict[str, Any]:
+    def run(self, mode: str, url: str | None, profile: Path | None = None) -> dict[str, Any]:
         """One whole process, from spawn to exit, and what it reported."""
         requests0, sim_cpu0 = self.sim.requests(), proc_cpu_seconds(self.sim.pid)
         with BackendCpu(url if mode == "sync" else None, self.db_sample_seconds) as db:
-            self.start(mode, url)
+            self.start(mode, url, profile=profile)
             done = self.launcher.finish()
         line: dict[str, Any] = {"mode": mode, **done.fields()}
+        if profile is not None:
+            line["py_spy"] = str(profile)
         line["sim_cpu_s"] = round(proc_cpu_seconds(self.sim.pid) - sim_cpu0, 4)
         line["db_cpu_s"] = db.total
         line["http_requests"] = self.sim.requests() - requests0
@@ -477,7 +487,10 @@ def run_phases(
                 for position, mode in enumerate(order):
                     line = {"type": "process", "run": run, "tick": tick, "phase": phase}
                     line |= {**common, "first": position == 0}
-                    line |= bench.run(mode, url if mode == "sync" else None)
+                    profile = None
+                    if mode == "sync" and bench.py_spy and phase == args.py_spy_phase:
+                        profile = bench.py_spy.with_name(f"{bench.py_spy.stem}-{run}-{tick}.txt")
+                    line |= bench.run(mode, url if mode == "sync" else None, profile)
                     line["sim_prepare_s"] = round(prepare_s, 4)
                     bench.records[mode].append(line)
                     emit(line)
@@ -584,6 +597,13 @@ def _first_request_stats(lines: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def merge_profiles(out: Path, lines: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The profiled passes' collapsed stacks, all in ``out``, and its top functions."""
+    files = [Path(r["py_spy"]) for r in lines if "py_spy" in r and Path(r["py_spy"]).exists()]
+    out.write_text("".join(f.read_text(encoding="utf-8") for f in files), encoding="utf-8")
+    return {"file": str(out), "passes": len(files), **hotspots(str(out), top=25)}
+
+
 # --- the command line --------------------------------------------------------------------
 
 
@@ -621,7 +641,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             db_sample_seconds=args.db_sample_seconds,
             log_level=args.log_level,
             launcher=launcher,
+            py_spy=args.py_spy.resolve() if args.py_spy else None,
         )
+        for tree in bench.etl_paths:  # no measured process compiles the bytecode it imports
+            compile_etl = [sys.executable, "-m", "compileall", "-q", str(tree / "etl")]
+            subprocess.run(compile_etl, check=True)
         sim.prepare()
         if args.first_request:
             run_first_request(args, bench, dbs, common)
@@ -629,6 +653,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             run_phases(args, bench, dbs, common)
             result = summarise_phases(bench.records)
+            if bench.py_spy is not None:
+                result["profile"] = merge_profiles(bench.py_spy, bench.records["sync"])
     summary = {"type": "summary", "mode": "first_request" if args.first_request else "phases"}
     summary |= {**common, "etl_path": [str(path) for path in args.etl_path], **result}
     emit(summary)
@@ -685,6 +711,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--first-request-timeout", type=float, default=120.0)
     p.add_argument("--keep", action="store_true", help="keep the scratch databases")
+    p.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="FILE",
+        help="run the sync processes of the --py-spy-phase passes under py-spy (the thread "
+        "holding the GIL; collapsed stacks into FILE-<run>-<tick>.txt; their timings "
+        "include py-spy's)",
+    )
+    p.add_argument("--py-spy-phase", default="steady", choices=["cold", "steady", "nochange"])
     return p
 
 
