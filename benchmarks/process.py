@@ -39,7 +39,8 @@ Output: one JSON line per process (``"type": "process"`` or ``"first_request"``)
 - ``sim_cpu_s``: CPU seconds of the simulator process meanwhile; ``db_cpu_s`` (sync, on
   PostgreSQL): CPU seconds of the database's backends, read from ``/proc`` every
   ``--db-sample-seconds`` while the process runs (the last slice before a backend exits is
-  missed); ``http_requests``: getChats requests the simulator answered.
+  missed); ``http_requests``: getChats requests the simulator answered; ``loadavg_1m``:
+  the machine's load average when the process ended.
 - sync: ``statuses`` and ``changes`` (summed from the outcome table the command prints);
   floor: ``chats`` (elements decoded).
 """
@@ -425,6 +426,7 @@ class Bench:
         line["sim_cpu_s"] = round(proc_cpu_seconds(self.sim.pid) - sim_cpu0, 4)
         line["db_cpu_s"] = db.total
         line["http_requests"] = self.sim.requests() - requests0
+        line["loadavg_1m"] = round(os.getloadavg()[0], 2)  # how busy the shared machine was
         out = (self.work / f"{mode}.out").read_text(encoding="utf-8", errors="replace")
         if mode == "sync":
             line["changes"], line["statuses"] = parse_outcomes(out)
@@ -520,6 +522,7 @@ def run_first_request(
                 if mode == "sync":
                     line["etl_path"] = str(bench.etl_paths[tree])
                 line["first_request_s"] = _round(done.first_request_s)
+                line["loadavg_1m"] = round(os.getloadavg()[0], 2)
                 bench.records[kind if tree == 0 else f"{kind}@{tree}"].append(line)
                 emit(line)
 
