@@ -42,7 +42,10 @@ Output: one JSON line per process (``"type": "process"`` or ``"first_request"``)
   missed); ``http_requests``: getChats requests the simulator answered; ``loadavg_1m``:
   the machine's load average when the process ended.
 - sync: ``statuses`` and ``changes`` (summed from the outcome table the command prints);
-  floor: ``chats`` (elements decoded).
+  floor: ``chats_decoded`` (elements decoded).
+
+``--py-spy FILE`` runs the sync processes of the ``--py-spy-phase`` passes under py-spy
+(where the CPU of a fresh process goes; those passes' timings include py-spy's).
 """
 
 from __future__ import annotations

@@ -255,3 +255,23 @@ def test_process_time_to_first_request(backend: str, request: pytest.FixtureRequ
         "new_first_request_within_2s",
         "registered_first_request_within_2s",
     }
+
+
+def test_startup_steps_until_the_first_request() -> None:
+    """benchmarks/startup.py: each step of `etl sync --once`'s start-up, timed inside a fresh
+    process that stops at its first request, into a new and a registered database."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--instances", "20"]
+    proc = subprocess.run(
+        [*cmd, "--runs", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    *runs, summary = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert sorted(r["kind"] for r in runs) == ["new", "registered"]
+    names = ["interpreter", "import etl.cli", "read the TOML", "validate (pydantic)"]
+    names += ["resolve instances and tokens", "engine", "schema check", "register instances"]
+    for r in runs:
+        assert [step[0] for step in r["steps"]] == [*names, "first request"]
+        ends = [end for _, _, end in r["steps"]]
+        assert ends == sorted(ends) and all(b <= e for _, b, e in r["steps"])
+    for kind in ("new@0", "registered@0"):
+        assert summary["median_s"][kind]["first request"] > 0
