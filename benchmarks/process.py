@@ -544,28 +544,32 @@ def summarise_phases(records: dict[str, list[dict[str, Any]]]) -> dict[str, Any]
     out: dict[str, Any] = {}
     for phase in ("cold", "steady", "nochange"):
         syncs = [r for r in records["sync"] if r["phase"] == phase]
-        pairs = [(floors[(r["run"], r["tick"])], r) for r in syncs]
-        if not pairs:
-            continue
-        out[phase] = {
-            "pairs": len(pairs),
-            "floor_wall_s": _median([f["wall_s"] for f, _ in pairs]),
-            "sync_wall_s": _median([s["wall_s"] for _, s in pairs]),
-            "ratio_vs_floor": _median([s["wall_s"] / f["wall_s"] for f, s in pairs]),
-            "floor_cpu_s": _median([f["cpu_s"] for f, _ in pairs]),
-            "sync_cpu_s": _median([s["cpu_s"] for _, s in pairs]),
-            "cpu_ratio_vs_floor": _median([s["cpu_s"] / f["cpu_s"] for f, s in pairs]),
-            "sync_db_cpu_s": _median([s["db_cpu_s"] for _, s in pairs]),
-            "sync_peak_rss_mb": max(s["peak_rss_mb"] for _, s in pairs),
-            "sync_peak_rss_mb_median": _median([s["peak_rss_mb"] for _, s in pairs]),
-            "floor_peak_rss_mb": max(f["peak_rss_mb"] for f, _ in pairs),
-        }
+        if syncs:
+            out[phase] = _phase_entry([(floors[(r["run"], r["tick"])], r) for r in syncs])
     syncs = records["sync"]
     out["every_sync_ok"] = bool(syncs) and all(
         r["exit_code"] == 0 and set(r["statuses"]) <= {"ok"} for r in syncs
     )
     out["every_floor_ok"] = all(r["exit_code"] == 0 for r in records["floor"])
     return out
+
+
+def _phase_entry(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """Medians over a phase's (floor, sync) pairs."""
+    floors, syncs = [f for f, _ in pairs], [s for _, s in pairs]
+    return {
+        "pairs": len(pairs),
+        "floor_wall_s": _median([f["wall_s"] for f in floors]),
+        "sync_wall_s": _median([s["wall_s"] for s in syncs]),
+        "ratio_vs_floor": _median([s["wall_s"] / f["wall_s"] for f, s in pairs]),
+        "floor_cpu_s": _median([f["cpu_s"] for f in floors]),
+        "sync_cpu_s": _median([s["cpu_s"] for s in syncs]),
+        "cpu_ratio_vs_floor": _median([s["cpu_s"] / f["cpu_s"] for f, s in pairs]),
+        "sync_db_cpu_s": _median([s["db_cpu_s"] for s in syncs]),
+        "sync_peak_rss_mb": max(s["peak_rss_mb"] for s in syncs),
+        "sync_peak_rss_mb_median": _median([s["peak_rss_mb"] for s in syncs]),
+        "floor_peak_rss_mb": max(f["peak_rss_mb"] for f in floors),
+    }
 
 
 def summarise_first_request(
