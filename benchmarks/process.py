@@ -75,6 +75,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from fleet import (  # noqa: E402
+    _LINE_NO,
     ROOT,
     SimProcess,
     emit,
@@ -608,9 +609,17 @@ def _first_request_stats(lines: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def merge_profiles(out: Path, lines: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The profiled passes' collapsed stacks, all in ``out``, and its top functions."""
+    """The profiled passes' collapsed stacks summed into ``out`` (line numbers dropped, so
+    that a function is one frame), and its top functions."""
     files = [Path(r["py_spy"]) for r in lines if "py_spy" in r and Path(r["py_spy"]).exists()]
-    out.write_text("".join(f.read_text(encoding="utf-8") for f in files), encoding="utf-8")
+    stacks: Counter[str] = Counter()
+    for f in files:
+        for line in f.read_text(encoding="utf-8").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if stack and count.isdigit():
+                frames = (_LINE_NO.sub(")", frame) for frame in stack.split(";"))
+                stacks[";".join(frames)] += int(count)
+    out.write_text("".join(f"{k} {n}\n" for k, n in stacks.most_common()), encoding="utf-8")
     return {"file": str(out), "passes": len(files), **hotspots(str(out), top=25)}
 
 
