@@ -37,7 +37,7 @@ Output: one JSON line per process (``"type": "process"`` or ``"first_request"``)
 - ``wall_s``: spawn to exit; ``cpu_s`` = ``user_s`` + ``sys_s`` and ``peak_rss_mb``: the
   child's own (``os.wait4``); ``exit_code``.
 - ``sim_cpu_s``: CPU seconds of the simulator process meanwhile; ``db_cpu_s`` (sync, on
-  PostgreSQL): CPU seconds of the database's backends, read from ``/proc`` every
+  PostgreSQL): CPU seconds of the database's client backends, read from ``/proc`` every
   ``--db-sample-seconds`` while the process runs (the last slice before a backend exits is
   missed); ``http_requests``: getChats requests the simulator answered; ``loadavg_1m``:
   the machine's load average when the process ended.
@@ -214,8 +214,9 @@ class Launcher:
 
 
 class BackendCpu:
-    """CPU seconds of the PostgreSQL backends of one database while a child runs, from
-    ``/proc`` every ``interval`` seconds (a backend's last slice before it exits is lost)."""
+    """CPU seconds of the PostgreSQL client backends of one database while a child runs,
+    from ``/proc`` every ``interval`` seconds (a backend's last slice before it exits is
+    lost; autovacuum workers are not counted)."""
 
     def __init__(self, url: str | None, interval: float) -> None:
         self.engine: Engine | None = None
@@ -229,8 +230,8 @@ class BackendCpu:
     def _sample(self, conn: Any) -> None:
         rows = conn.execute(
             text(
-                "SELECT pid FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
             )
         )
         for (pid,) in rows:
