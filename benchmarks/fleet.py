@@ -157,6 +157,12 @@ def _sim_main(conn: Any, instances: int, chats: int, seed: int, rates: dict[str,
                 conn.send(prepare())
             elif cmd == "requests":
                 conn.send(sim.request_count())
+            elif cmd == "first_request":  # the first getChats received at or after arg
+                times = [r.at for r in sim.requests if r.method == "getChats" and r.at >= arg]
+                conn.send(min(times, default=None))
+            elif cmd == "reset":
+                sim.reset_counts()
+                conn.send(None)
             elif cmd == "stop":
                 break
             else:
@@ -202,6 +208,16 @@ class SimProcess:
 
     def requests(self) -> int:
         return int(self._call("requests"))
+
+    def first_request(self, since: float) -> float | None:
+        """When the simulator received its first getChats request at or after ``since``
+        (``time.monotonic()``, a clock every process of the machine shares), or None."""
+        at = self._call("first_request", since)
+        return None if at is None else float(at)
+
+    def reset(self) -> None:
+        """Forget the requests received so far (their log and counts)."""
+        self._call("reset")
 
     @property
     def pid(self) -> int:

@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from sqlalchemy import Engine
@@ -27,18 +27,20 @@ from etl.db import (
     require_current_schema,
     upgrade,
 )
-from etl.demo import run_demo
 from etl.errors import EtlError
 from etl.leases import LeaseManager
 from etl.logs import setup_logging
-from etl.metrics import Metrics
 from etl.progress import ProgressLine
 from etl.redact import redact, redact_url
-from etl.retention import prune_sync_runs
-from etl.scheduler import Daemon
-from etl.status import ago, format_ms, instance_status, state, status_document, summary
 from etl.sync import Syncer, SyncOutcome, register_instances
-from etl.web import Liveness, StatusServer
+
+# What only some commands use is imported by those commands: the scheduler (APScheduler),
+# the status page and metrics (http.server, prometheus_client), the status queries,
+# retention, the demo and the simulator. Every command would otherwise import all of it
+# before doing anything, and `etl sync --once` is a fresh process on every run.
+if TYPE_CHECKING:
+    from etl.metrics import Metrics
+    from etl.web import Liveness, StatusServer
 
 log = logging.getLogger("etl.cli")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -225,6 +227,8 @@ def db_prune(days: int | None, batch_size: int | None) -> None:
     days = days or cfg.retention.sync_runs_days
     if not days:
         raise EtlError("retention is off (retention.sync_runs_days = 0): pass --days N")
+    from etl.retention import prune_sync_runs
+
     engine = _engine(cfg)
     try:
         require_current_schema(engine)
@@ -264,6 +268,8 @@ def _start_http(
 ) -> StatusServer | None:
     """The status page and metrics endpoint. A port that cannot be bound (taken, say by
     another replica on the same host) is logged, and the work goes on without it."""
+    from etl.web import StatusServer
+
     server = StatusServer(engine, metrics=metrics, liveness=liveness, host=cfg.http.host, port=port)
     try:
         server.start()
@@ -333,6 +339,8 @@ def sync_cmd(
     web: StatusServer | None = None
     try:
         if http_port is not None:
+            from etl.metrics import Metrics
+
             metrics = Metrics(per_instance=cfg.http.per_instance_metrics)
             metrics.attach(syncer)
             metrics.set_instances(len(instances))
@@ -365,6 +373,10 @@ def sync_cmd(
 @click.option("--no-http", is_flag=True, help="Do not serve the status page and /metrics.")
 def run_cmd(workers: int | None, http_port: int | None, no_http: bool) -> None:
     """Run the daemon: every enabled instance every interval until SIGTERM/SIGINT."""
+    from etl.metrics import Metrics
+    from etl.scheduler import Daemon
+    from etl.status import instance_status
+
     _setup_logging()
     cfg = _load()
     engine, instances = _prepare(cfg)
@@ -432,6 +444,8 @@ def _plain(value: str, width: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (for scripts).")
 def status_cmd(as_json: bool) -> None:
     """Show each instance's latest sync, chats and failures, read from the database."""
+    from etl.status import ago, format_ms, instance_status, state, status_document, summary
+
     _setup_logging()
     cfg = _load(instances=False)
     engine = _engine(cfg)
@@ -559,6 +573,8 @@ def demo_cmd(instances: int, chats: int, ticks: int, interval: int) -> None:
     Uses sqlite:///chats-demo.db (recreated) unless --database-url is given; never the
     database of $ETL_DATABASE_URL or the config file.
     """
+    from etl.demo import run_demo
+
     setup_logging(_opt("log_level") or "WARNING", _opt("log_format") or "text")
     run_demo(
         instances=instances,

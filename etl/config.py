@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from etl.errors import ConfigError
-from etl.redact import redact, register_secret
+from etl.redact import redact, register_secrets
 
 log = logging.getLogger(__name__)
 
@@ -302,23 +302,22 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>") -> FileConfig
 def resolve_instances(file_config: FileConfig, *, source: str = "") -> tuple[Instance, ...]:
     """Apply defaults, validate URLs and load every token (registered for redaction)."""
     d = file_config.defaults
+    tokens = [_load_token(inst, source) for inst in file_config.instances]
+    # Every token is registered before any URL is checked, so that a bad URL quoted in an
+    # error below is masked even when it holds a token; and all at once (see
+    # register_secrets).
+    register_secrets(token.get_secret_value() for token in tokens)
+    checked: dict[str, str] = {}  # most instances share a URL: each is checked once
     out: list[Instance] = []
-    for inst in file_config.instances:
-        # Load and register the token first, so that a bad URL quoted in the error below
-        # is masked even when it contains the token.
-        token = _load_token(inst, source)
-        register_secret(token.get_secret_value())
+    for inst, token in zip(file_config.instances, tokens, strict=True):
         api_url = inst.api_url or d.api_url
-        key = "api_url" if inst.api_url else "defaults.api_url"
-        try:
-            api_url = check_api_url(api_url, allow_insecure_http=d.allow_insecure_http)
-        except ValueError as exc:
-            raise ConfigError(redact(f"instance {inst.id_instance}, key {key!r}: {exc}")) from None
+        if api_url not in checked:
+            checked[api_url] = _checked_url(inst, api_url, d.allow_insecure_http)
         out.append(
             Instance(
                 id_instance=inst.id_instance,
                 label=inst.label or f"instance {inst.id_instance}",
-                api_url=api_url,
+                api_url=checked[api_url],
                 token=token,
                 count=inst.count,
                 enabled=inst.enabled,
@@ -335,6 +334,14 @@ def resolve_instances(file_config: FileConfig, *, source: str = "") -> tuple[Ins
             )
         )
     return tuple(out)
+
+
+def _checked_url(inst: InstanceConfig, api_url: str, allow_insecure_http: bool) -> str:
+    key = "api_url" if inst.api_url else "defaults.api_url"
+    try:
+        return check_api_url(api_url, allow_insecure_http=allow_insecure_http)
+    except ValueError as exc:
+        raise ConfigError(redact(f"instance {inst.id_instance}, key {key!r}: {exc}")) from None
 
 
 def resolve_config_path(flag: str | None) -> tuple[Path, bool]:

@@ -8,21 +8,25 @@ in its store (``etl.sync.store``).
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from etl.errors import DatabaseNotReady
 from etl.redact import redact_url
+
+# Alembic is imported by the functions that run it, not with this module: every command
+# imports this module, Alembic (with its dialect implementations and Mako) is one of the
+# largest imports there is, and a command that only checks the schema's revision
+# (`etl sync --once`, started afresh each time) does not need it.
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +171,9 @@ def make_engine(
 
 
 def alembic_config(url: str | None = None, connection: Connection | None = None) -> AlembicConfig:
-    if not (MIGRATIONS / "env.py").is_file():
-        raise FileNotFoundError(
-            f"Alembic migrations not found in {PACKAGED_ALEMBIC} (an installed wheel) "
-            f"or {ROOT} (a checkout): is the chatsync package installed completely?"
-        )
+    from alembic.config import Config as AlembicConfig
+
+    _require_migrations()
     cfg = AlembicConfig(str(ALEMBIC_INI)) if ALEMBIC_INI.exists() else AlembicConfig()
     # ConfigParser interpolation: a literal % in the path must be doubled
     cfg.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
@@ -186,21 +188,78 @@ def alembic_config(url: str | None = None, connection: Connection | None = None)
     return cfg
 
 
+def _require_migrations() -> None:
+    if not (MIGRATIONS / "env.py").is_file():
+        raise FileNotFoundError(
+            f"Alembic migrations not found in {PACKAGED_ALEMBIC} (an installed wheel) "
+            f"or {ROOT} (a checkout): is the chatsync package installed completely?"
+        )
+
+
+#: a migration script's ``revision = "0008"`` or ``down_revision = "0007"`` (or None) line
+_REVISION_LINE = re.compile(
+    r"""^(revision|down_revision)\s*(?::[^=\n]*)?=\s*(?:"([^"\n]*)"|'([^'\n]*)'|None)\s*$""",
+    re.MULTILINE,
+)
+
+
 def head_revision() -> str | None:
+    """The latest revision of the migration scripts.
+
+    Read from each script's ``revision`` and ``down_revision`` lines: Alembic would import
+    itself and every script to say the same, a cost every command that checks the schema
+    would pay at start-up. A history those lines do not describe as one chain (a merge, a
+    branch, another form of the lines) is left to Alembic.
+    """
+    _require_migrations()
+    revisions: set[str] = set()
+    downs: set[str] = set()
+    scripts = sorted((MIGRATIONS / "versions").glob("*.py"))
+    for path in scripts:
+        found = {
+            m[1]: m[2] if m[2] is not None else m[3]
+            for m in _REVISION_LINE.finditer(path.read_text(encoding="utf-8"))
+        }
+        if found.get("revision") is None or "down_revision" not in found:
+            return _alembic_head_revision()
+        revisions.add(found["revision"])
+        if found["down_revision"] is not None:
+            downs.add(found["down_revision"])
+    heads = revisions - downs
+    if len(revisions) != len(scripts) or len(heads) > 1 or not downs <= revisions:
+        return _alembic_head_revision()
+    return heads.pop() if heads else None
+
+
+def _alembic_head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
+    """The database's revision (None: no schema yet), from Alembic's version table."""
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+        if len(versions) > 1:  # branches: Alembic says how that is an error
+            from alembic.runtime.migration import MigrationContext
+
+            return MigrationContext.configure(conn).get_current_revision()
+    return versions[0] if versions else None
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
+    from alembic import command
+
     with engine.begin() as conn:
         command.upgrade(alembic_config(connection=conn), revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
+    from alembic import command
+
     with engine.begin() as conn:
         command.downgrade(alembic_config(connection=conn), revision)
 

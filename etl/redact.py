@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Iterable
 
 from sqlalchemy.engine import make_url
 
@@ -23,23 +24,34 @@ _secrets: frozenset[str] = frozenset()
 #: on every log line; the check is one split of the line.
 _shortest = 0
 _spaced = False
+#: any whitespace, as ``str.split()`` splits on it: searched by the regular expression
+#: engine, not by a Python loop over every character of every token of a fleet
+_WHITESPACE = re.compile(r"\s")
 # Green-API's path shape: /waInstance<id>/<method>/<token>. Masks unregistered tokens too.
 _PATH_TOKEN = re.compile(r"(/waInstance\d+/[A-Za-z]+/)[^/?#\s'\"]+")
 
 
 def register_secret(secret: str) -> None:
     """Remember a secret so that every later ``redact()`` call masks it."""
+    register_secrets((secret,))
+
+
+def register_secrets(secrets: Iterable[str]) -> None:
+    """Remember many secrets at once (a config's tokens). ``redact()`` reads the set
+    without the lock, so the set is replaced, never changed in place: registering a
+    fleet's tokens one by one would copy it once per token, a time that grows with the
+    square of the fleet's size."""
     global _secrets, _shortest, _spaced
-    if not secret:
-        return
     with _lock:
-        if secret in _secrets:
+        new = {s for s in secrets if s} - _secrets
+        if not new:
             return
-        # one secret per configured instance: only the new one is looked at (recomputing
-        # over all of them would scan every token again at each registration)
-        _shortest = min(_shortest, len(secret)) if _secrets else len(secret)
-        _spaced = _spaced or any(c.isspace() for c in secret)
-        _secrets = _secrets | {secret}
+        # only the new secrets are looked at (recomputing over all of them would scan
+        # every token again at each registration)
+        shortest = min(map(len, new))
+        _shortest = min(_shortest, shortest) if _secrets else shortest
+        _spaced = _spaced or any(map(_WHITESPACE.search, new))
+        _secrets = _secrets | new
 
 
 def redact(text: str) -> str:

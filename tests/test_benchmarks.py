@@ -141,3 +141,137 @@ def test_fleet_drop_foreign_keys_experiment(request: pytest.FixtureRequest) -> N
         groups = t["write_groups"]
         assert groups["count"] >= 1 and 1 <= groups["mean_size"] <= groups["max_size"]
         assert groups["count"] * groups["mean_size"] == pytest.approx(INSTANCES, abs=0.05)
+
+
+# --- process.py: whole processes -------------------------------------------------------
+
+PROCESS = ROOT / "benchmarks" / "process.py"
+PROCESS_FIELDS = {
+    "type",
+    "run",
+    "tick",
+    "phase",
+    "mode",
+    "first",
+    "wall_s",
+    "cpu_s",
+    "user_s",
+    "sys_s",
+    "peak_rss_mb",
+    "exit_code",
+    "sim_cpu_s",
+    "db_cpu_s",
+    "http_requests",
+}
+
+
+def run_process_bench(*args: str) -> list[dict[str, Any]]:
+    cmd = [sys.executable, str(PROCESS), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_process_sync_and_floor_side_by_side(backend: str, request: pytest.FixtureRequest) -> None:
+    """Whole ``etl sync --once`` processes against the floor process, pass by pass: each
+    pair on the same lists, in alternating order, every sync ok, the changes where they
+    belong (docs/benchmarks.md, "A fresh process")."""
+    url = "sqlite://"
+    if backend == "postgres":
+        request.getfixturevalue("pg_admin")
+        from tests.conftest import PG_URL
+
+        assert PG_URL
+        url = PG_URL
+    lines = run_process_bench(
+        *("--database-url", url, "--instances", str(INSTANCES), "--chats", str(CHATS)),
+        *("--runs", "1", "--ticks", "2", "--nochange-ticks", "1", "--change-rate", "0.2"),
+    )
+    *passes, summary = lines
+    phases = ["cold", "steady", "nochange"]
+    assert [(p["run"], p["phase"]) for p in passes] == [
+        (0, phase) for phase in ["cold", "steady", "steady", "nochange"] for _ in range(2)
+    ]
+    for pair in zip(passes[::2], passes[1::2], strict=True):
+        assert {p["mode"] for p in pair} == {"floor", "sync"}
+        assert [p["first"] for p in pair] == [True, False]
+    # each phase alternates which process goes first
+    assert [p["mode"] for p in passes[::2]] == ["floor", "floor", "sync", "floor"]
+    for p in passes:
+        assert p.keys() >= PROCESS_FIELDS
+        assert p["exit_code"] == 0 and p["http_requests"] == INSTANCES
+        assert p["wall_s"] > p["cpu_s"] / 4 > 0
+        assert 5 < p["peak_rss_mb"] < 500  # the child's own, not this test's
+        assert (p["db_cpu_s"] is None) == (backend == "sqlite" or p["mode"] == "floor")
+        if p["mode"] == "floor":
+            assert p["chats_decoded"] >= INSTANCES * CHATS * 0.8
+            continue
+        assert p["statuses"] == {"ok": INSTANCES}
+        changes = p["changes"]
+        if p["phase"] == "cold":
+            assert changes["chats_inserted"] == changes["chats_received"] >= INSTANCES * CHATS
+        elif p["phase"] == "steady":
+            assert changes["chats_inserted"] + changes["chats_updated"] > 0
+        else:
+            assert changes["chats_inserted"] + changes["chats_updated"] == 0
+    assert summary["type"] == "summary" and summary["every_sync_ok"] is True
+    for phase, pairs in zip(phases, [1, 2, 1], strict=True):
+        entry = summary[phase]
+        assert entry["pairs"] == pairs
+        assert entry["ratio_vs_floor"] > 0 and entry["sync_peak_rss_mb"] > 5
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_process_time_to_first_request(backend: str, request: pytest.FixtureRequest) -> None:
+    """``--first-request``: from the spawn to the simulator's first getChats request, for
+    the floor and for ``etl sync --once`` into a new and into a filled database, each kind
+    going first in turn; every process is killed once it has asked."""
+    url = "sqlite://"
+    if backend == "postgres":
+        request.getfixturevalue("pg_admin")
+        from tests.conftest import PG_URL
+
+        assert PG_URL
+        url = PG_URL
+    lines = run_process_bench(
+        "--database-url", url, "--first-request", "--instances", "20", "--runs", "2"
+    )
+    setup, *runs, summary = lines
+    assert setup["type"] == "setup" and setup["statuses"] == {"ok": 20}
+    assert [r["kind"] for r in runs[:3]] == ["floor", "new", "registered"]
+    assert [r["kind"] for r in runs[3:]] == ["new", "registered", "floor"]
+    for r in runs:
+        assert r["type"] == "first_request"
+        assert 0 < r["first_request_s"] < 60
+    for kind in ("floor", "new", "registered"):
+        assert summary[kind]["runs"] == 2 and summary[kind]["missing"] == 0
+        assert summary[kind]["median_s"] > 0
+    assert set(summary["goals"]) == {
+        "new_first_request_within_2s",
+        "registered_first_request_within_2s",
+    }
+
+
+def test_startup_steps_until_the_first_request() -> None:
+    """benchmarks/startup.py: each step of `etl sync --once`'s start-up, timed inside a fresh
+    process that stops at its first request, into a new and a registered database."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--instances", "20"]
+    proc = subprocess.run(
+        [*cmd, "--runs", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    *runs, summary = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert sorted(r["kind"] for r in runs) == ["new", "registered"]
+    names = ["interpreter", "import etl.cli", "read the TOML", "validate (pydantic)"]
+    names += ["resolve instances and tokens", "engine", "schema check", "register instances"]
+    for r in runs:
+        assert [step[0] for step in r["steps"]] == [*names, "first request"]
+        ends = [end for _, _, end in r["steps"]]
+        assert ends == sorted(ends) and all(b <= e for _, b, e in r["steps"])
+    for kind in ("new@0", "registered@0"):
+        assert summary["median_s"][kind]["first request"] > 0

@@ -196,6 +196,49 @@ def test_upgrade_then_sync_once(tmp_path: Path, sim: Simulator, db_url: str) -> 
     assert not (tmp_path / "chats.db").exists()  # the default URL was not used
 
 
+#: what `etl sync --once` does not use, and so must not import: a fresh process pays for
+#: every import on every run (docs/benchmarks.md, "A fresh process")
+NOT_FOR_SYNC_ONCE = (
+    "alembic",
+    "apscheduler",
+    "prometheus_client",
+    "pythonjsonlogger",
+    "etl.scheduler",
+    "etl.web",
+    "etl.metrics",
+    "etl.status",
+    "etl.retention",
+    "etl.demo",
+    "etl.simulator",
+)
+
+
+def test_sync_once_imports_only_what_it_uses(
+    tmp_path: Path, sim: Simulator, sim_config: Path, db_url: str
+) -> None:
+    migrated(db_url).dispose()
+    probe = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('imported:', sorted({m for m in sys.modules "
+        f"if m.split('.')[0] in {NOT_FOR_SYNC_ONCE!r} or m in {NOT_FOR_SYNC_ONCE!r}}}), "
+        "file=sys.stderr))\n"
+        "sys.argv = ['etl', 'sync', '--once']\n"
+        "from etl.cli import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=etl_env(ETL_DATABASE_URL=db_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sim.request_count() == len(sim.instance_ids)  # it did sync
+    assert "imported: []" in proc.stderr.splitlines(), proc.stderr[-2000:]
+
+
 def test_sync_once_exits_1_when_an_instance_fails(
     tmp_path: Path, sim: Simulator, sim_config: Path
 ) -> None:

@@ -506,7 +506,9 @@ def test_every_relative_link_points_at_something_that_exists() -> None:
 
 # -- (e) benchmarks/results/ holds what the docs cite, and the docs cite all of it -------
 
-RESULT_NAME = re.compile(r"\b(?:fleet|dlt|profile|soak)-[\w.-]*?\.(?:jsonl|json|csv|txt)\b")
+RESULT_NAME = re.compile(
+    r"\b(?:fleet|dlt|profile|soak|process|startup)-[\w.-]*?\.(?:jsonl|json|csv|txt)\b"
+)
 
 
 def test_every_benchmark_result_is_cited_and_every_citation_exists() -> None:

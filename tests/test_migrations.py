@@ -4,10 +4,12 @@ downgrade, the partial unique index, and the ``alembic`` / ``etl db`` command li
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -19,6 +21,7 @@ from sqlalchemy import Engine, Table, insert, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
+import etl.db
 from etl.db import (
     ROOT,
     alembic_config,
@@ -82,6 +85,33 @@ def test_single_head_and_linear_history() -> None:
     for prev, rev in zip(revs, revs[1:], strict=False):
         assert rev.down_revision == prev.revision, f"{rev.revision} does not follow {prev}"
     assert revs[-1].revision == head_revision()
+
+
+@pytest.mark.parametrize(
+    "down_revision",
+    ['"{head}"', "'{head}'", '("{head}",)'],
+    ids=["double-quoted", "single-quoted", "a merge's tuple"],
+)
+def test_head_revision_read_from_the_scripts_agrees_with_alembic(
+    down_revision: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``head_revision`` reads the scripts' ``revision`` / ``down_revision`` lines instead
+    of importing Alembic and every script; what it cannot read as one chain (here a
+    merge's tuple) it leaves to Alembic. Either way it names Alembic's head."""
+    head = head_revision()
+    assert head == _script().get_current_head()
+    migrations = tmp_path / "migrations"
+    shutil.copytree(etl.db.MIGRATIONS, migrations, ignore=shutil.ignore_patterns("__pycache__"))
+    (migrations / "versions" / "9999_next.py").write_text(
+        '"""A revision after the head."""\n\n'
+        'revision: str = "9999"\n'
+        f"down_revision = {down_revision.format(head=head)}\n"
+        "branch_labels = None\ndepends_on = None\n\n\n"
+        "def upgrade() -> None:\n    pass\n\n\ndef downgrade() -> None:\n    pass\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(etl.db, "MIGRATIONS", migrations)
+    assert head_revision() == "9999" == etl.db._alembic_head_revision()
 
 
 def test_stairway_every_revision_up_down_up(bare: Engine) -> None:
