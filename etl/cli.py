@@ -345,6 +345,7 @@ def sync_cmd(
             metrics.attach(syncer)
             metrics.set_instances(len(instances))
             web = _start_http(cfg, engine, http_port, metrics, lambda: (True, "sync --once"))
+        syncer.preload_ahead(instances)
         with line, ThreadPoolExecutor(max_workers=workers or cfg.scheduler.max_workers) as pool:
             outcomes = list(pool.map(syncer.sync, instances))
     finally:

@@ -194,6 +194,7 @@ class Daemon:
             ]
         except SQLAlchemyError as exc:  # the database may be down right now; start anyway
             log.warning("could not read past failures to resume backoff: %s", type(exc).__name__)
+        self.syncer.preload_ahead(self.instances)
         self._schedule(held, now, spread=None)
 
     def _schedule(self, held: Sequence[Held], now: datetime, *, spread: float | None) -> None:
@@ -256,10 +257,14 @@ class Daemon:
             self._unschedule(beat.lost)
         if beat.gained:
             now = now or utcnow()
+            gained = [self.by_id[h.instance_id] for h in beat.gained if h.instance_id in self.by_id]
             for h in beat.gained:
                 inst = self.by_id.get(h.instance_id)
                 if inst is not None:
                     self.syncer.adopt(inst, h.failures, h.failure_kind, h.next_due_at, now)
+            # their snapshots, read ahead of their first ticks here (instances taken over
+            # sync at the cost of a steady tick)
+            self.syncer.preload_ahead(gained)
             self._schedule(beat.gained, now, spread=self.leases.heartbeat_seconds)
         if beat.excess:
             self._hand_back(beat.excess)

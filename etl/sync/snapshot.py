@@ -98,6 +98,9 @@ class Snapshot:
     identity: Identity = field(default_factory=Identity)
     #: whether ``instance_snapshots`` holds this very snapshot (at ``version``)
     persisted: bool = False
+    #: the packed form it was unpacked from, if any (kept as it is when a tick changes
+    #: nothing in it)
+    source: PackedSnapshot | None = None
 
     def add_stored(
         self,
@@ -228,6 +231,7 @@ class PackedSnapshot:
             tag=self.tag,
             identity=Identity(dict(self.identity.aliases), dict(self.identity.current)),
             persisted=persisted,
+            source=self,
         )
 
     def nbytes(self) -> int:
@@ -285,7 +289,7 @@ class PackedSnapshot:
         fingerprints, hashes = array("q"), array("q")
         fingerprints.frombytes(fps)
         hashes.frombytes(raw)
-        if len(_split(ids)) != n:
+        if (ids.count(_SEP) + 1 if ids else 0) != n:
             raise ValueError("the ids do not match the fingerprints")
         aliases, current = json.loads(ident) if ident else ({}, {})
         return cls(
@@ -344,6 +348,14 @@ class SnapshotCache:
         """What a committed tick left stored, at ``version``."""
         self._entries[instance_id] = _Entry(packed, version, persisted)
 
+    def adopt(self, instance_id: int, packed: PackedSnapshot, version: int) -> None:
+        """A persisted snapshot read ahead of the instance's tick, unless the tick (or
+        another read) got there first."""
+        self._entries.setdefault(instance_id, _Entry(packed, version, True))
+
+    def __contains__(self, instance_id: int) -> bool:
+        return instance_id in self._entries
+
     def settle(self, instance_id: int) -> None:
         """The tick is over: keep only the packed form."""
         entry = self._entries.get(instance_id)
@@ -372,17 +384,19 @@ def preload(
     statements for all of them, so that their first tick in this process costs what a
     steady one does; returns how many were usable. One that is missing, stale or
     unreadable is rebuilt from the rows by the tick, as before."""
-    ids = [i.id_instance for i in instances if cache.get(i.id_instance) is None]
     found = 0
     with engine.connect() as conn:
-        for start in range(0, len(ids), PRELOAD_CHUNK):
-            rows = store.load_packed(conn, ids[start : start + PRELOAD_CHUNK])
-            for iid, (version, data) in rows.items():
+        for start in range(0, len(instances), PRELOAD_CHUNK):
+            chunk = instances[start : start + PRELOAD_CHUNK]
+            ids = [i.id_instance for i in chunk if i.id_instance not in cache]
+            if not ids:
+                continue
+            for iid, (version, data) in store.load_packed(conn, ids).items():
                 try:
                     packed = PackedSnapshot.from_bytes(data)
                 except ValueError as exc:
                     log.info("instance %s: persisted snapshot unreadable (%s)", iid, exc)
                     continue
-                cache.keep_packed(iid, packed, version, persisted=True)
+                cache.adopt(iid, packed, version)
                 found += 1
     return found
