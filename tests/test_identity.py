@@ -172,3 +172,22 @@ def test_stored_links_count_towards_the_share_of_a_switch() -> None:
 def test_lists_without_person_chats_have_no_switch() -> None:
     s = switch_of([G], {"1-2@g.us"}, {})
     assert (s.to_ask, s.links, s.switch_like(0.5)) == ([], [], False)
+
+
+def test_churn_that_empties_a_small_form_is_not_a_switch() -> None:
+    """After an outage, ordinary churn removed 3 of the 4 lid chats while many phone chats
+    appeared: 3 of 4 lids is more than the threshold of that form, but not of the person
+    chats, so the tick is what it looks like (removals and new chats), not a held switch.
+    Seen in a 5 s database outage under a busy simulator."""
+    phones = [f"7900000{i:04d}@c.us" for i in range(20)]
+    lids = [f"10000000000000{i}@lid" for i in range(4)]
+    new_phones = [f"7911111{i:04d}@c.us" for i in range(10)]
+    present = set(phones) | set(lids)
+    s = switch_of([*phones, lids[0], *new_phones], present, {})
+    assert s.moving["@lid"] == (3, 24) and not s.switch_like(0.5)
+    assert judge_switch(s, threshold=0.5, failure=None) is None
+    # the same share of the whole instance's people is a switch
+    s = switch_of(
+        [*phones[:6], lids[0], *[f"2000000000000{i:02d}@lid" for i in range(14)]], present, {}
+    )
+    assert s.switch_like(0.5) and judge_switch(s, threshold=0.5, failure=None) is not None

@@ -16,7 +16,8 @@ the other ids a chat is known by (``chat_aliases``) and the id the API uses for 
 3. ``Switch.verdict``: apply the tick, or hold it (an ``id_switch`` anomaly) while an id
    switch is not fully linked. A few chats gone and a few new ones with no link to be had
    are what they look like (removals and new chats); a switch of more than the
-   mass-removal threshold of one form is held until linked, or accepted by the operator.
+   mass-removal threshold of the person chats is held until linked, or accepted by the
+   operator.
 """
 
 from __future__ import annotations
@@ -147,8 +148,8 @@ class Switch:
     ``links``: (chat, old id, new id) joined by an answer; ``aliases``: alias -> chat, to
     store now (answers about chats that exist); ``late_aliases``: the same for chats this
     tick creates; ``to_ask``: phone-number ids whose answer is missing; ``moving``: per
-    form, the chats of that form that vanished (linked or not) and the present chats of
-    that form (the share that makes it a switch).
+    form, the chats of that form that vanished (linked or not), and the present person
+    chats of both forms (the share that makes it a switch).
     """
 
     links: list[tuple[str, str, str]] = field(default_factory=list)
@@ -164,8 +165,11 @@ class Switch:
         return len(self.to_ask)
 
     def switch_like(self, threshold: float) -> bool:
-        """More than ``threshold`` of the present chats of one form changed form or vanished
-        towards the other: an id switch, not a few removals beside a few new chats."""
+        """More than ``threshold`` of the present person chats changed from one form
+        or vanished from it towards the other: an id switch, not a few removals beside a
+        few new chats. The share is of all person chats, not of the one form: a switch
+        moves the instance's people wholesale, while ordinary churn (chats removed, others
+        new) can empty a form that holds a handful of chats."""
         return any(total and moved / total > threshold for moved, total in self.moving.values())
 
     def apply(self, decoded: DecodedChats) -> tuple[DecodedChats, list[IdChange]]:
@@ -330,13 +334,10 @@ def _measure(
     changes: Collection[IdChange],
     gone: Mapping[str, int],
 ) -> None:
-    """Per form: the present chats of that form, and how many of them changed form in
-    this tick (by a stored link) or vanished (``gone``) as chats of the other appeared."""
-    totals = {PHONE: 0, LID: 0}
-    for p in present:
-        form = _form(identity.in_use(p))
-        if form is not None:
-            totals[form] += 1
+    """Per form: how many of its present chats changed form in this tick (by a stored
+    link) or vanished (``gone``) as chats of the other appeared, and the present person
+    chats of both forms."""
+    persons = sum(1 for p in present if _form(identity.in_use(p)) is not None)
     moved = {PHONE: 0, LID: 0}
     for c in changes:
         form = _form(c.old_id)
@@ -344,7 +345,7 @@ def _measure(
             moved[form] += 1
     for form, n in gone.items():
         moved[form] += n
-    out.moving = {form: (moved[form], totals[form]) for form in (PHONE, LID)}
+    out.moving = {form: (moved[form], persons) for form in (PHONE, LID)}
 
 
 def judge_switch(switch: Switch, *, threshold: float, failure: str | None) -> str | None:
