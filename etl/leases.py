@@ -224,6 +224,9 @@ class LeaseManager:
             valid = self.monotonic() < self._valid_until
             if epoch is not None and not valid:
                 self.unconfirmed += 1
+            # the last heartbeat could not reach the database: a tick started now could
+            # not write what it fetched, so it does not spend a request on the API
+            valid = valid and self.unreachable is None
         if epoch is None or not valid:
             return None
         return Claim(self.replica_id, epoch, idle_ms=int(self.lease_seconds * 1000))
