@@ -191,12 +191,16 @@ class Model:
 
     def _id_switch(self, new: set[str], present: set[str], vanished: set[str]) -> bool:
         """Chats of one id form vanished while chats of the other appeared, more than the
-        threshold of that form, and no link can be had (the stub client cannot ask
-        checkWhatsapp): held as an id switch."""
+        threshold of the person chats (both forms), and no link can be had (the stub
+        client cannot ask checkWhatsapp): held as an id switch."""
+        persons = sum(c.endswith(("@c.us", "@lid")) for c in present)
         for old, other in (("@c.us", "@lid"), ("@lid", "@c.us")):
             gone = [c for c in vanished if c.endswith(old)]
-            total = sum(c.endswith(old) for c in present)
-            if gone and any(n.endswith(other) for n in new) and len(gone) / total > self.threshold:
+            if (
+                gone
+                and any(n.endswith(other) for n in new)
+                and len(gone) / persons > self.threshold
+            ):
                 return True
         return False
 
