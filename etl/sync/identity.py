@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Set
 from dataclasses import dataclass, field, replace
+from itertools import repeat
 
 from etl.payload import ChatRecord, DecodedChats
 from etl.sync.fingerprints import chat_fingerprint
@@ -238,9 +239,8 @@ def _sides(
         return None
     seen = decoded.ids | {r.chat_id for r in decoded.rejected if r.chat_id}
     gone: dict[str | None, list[str]] = {PHONE: [], LID: [], None: []}
-    for p in present:
-        if p not in seen:
-            gone[_form(identity.in_use(p))].append(p)
+    for p in present - seen:  # a set difference: few chats go missing in a tick
+        gone[_form(identity.in_use(p))].append(p)
     if not any(gone.values()):
         return None
     return gone, new
@@ -337,7 +337,7 @@ def _measure(
     """Per form: how many of its present chats changed form in this tick (by a stored
     link) or vanished (``gone``) as chats of the other appeared, and the present person
     chats of both forms."""
-    persons = sum(1 for p in present if _form(identity.in_use(p)) is not None)
+    persons = _persons(present, identity)
     moved = {PHONE: 0, LID: 0}
     for c in changes:
         form = _form(c.old_id)
@@ -346,6 +346,18 @@ def _measure(
     for form, n in gone.items():
         moved[form] += n
     out.moving = {form: (moved[form], persons) for form in (PHONE, LID)}
+
+
+def _persons(present: Set[str], identity: Identity) -> int:
+    """How many present chats are people (an ``@c.us`` or ``@lid`` id in use), counted
+    by C-level ``str.endswith`` over the chats' own ids, then corrected for the few
+    chats whose id in use is another one."""
+    forms = (PHONE, LID)
+    persons = sum(map(str.endswith, present, repeat(forms)))
+    for chat, in_use in identity.current.items():
+        if chat in present:
+            persons += in_use.endswith(forms) - chat.endswith(forms)
+    return persons
 
 
 def judge_switch(switch: Switch, *, threshold: float, failure: str | None) -> str | None:
