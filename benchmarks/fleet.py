@@ -580,8 +580,9 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
             t0 = time.perf_counter()
             register_instances(engine, instances)
             register_s = round(time.perf_counter() - t0, 4)
-            syncer = Syncer(engine, client)
+            syncer = Syncer(engine, client, compact_snapshots=args.compact_snapshots)
         common["backend"] = backend
+        common["compact_snapshots"] = args.compact_snapshots
         runner = Pass(sim, pool, instances, engine, counter)
         prepare_s = sim.prepare()
         profiler = PySpy(args.py_spy, gil=not args.py_spy_all) if args.py_spy else None
@@ -591,7 +592,8 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
             if phase == "takeover" and syncer is not None:
                 # a syncer with nothing in memory, as a replica that has just taken the
                 # instances over (or a restarted daemon): it reads the persisted snapshots
-                syncer = Syncer(engine, client)
+                # (written with --compact-snapshots; else it rebuilds them from the rows)
+                syncer = Syncer(engine, client, compact_snapshots=args.compact_snapshots)
             elif phase == "nochange":
                 prepare_s = 0.0
             for mode in modes:
@@ -775,6 +777,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="then this many steady ticks by a new syncer each (nothing in memory: a replica "
         "taking the instances over, a restart)",
+    )
+    p.add_argument(
+        "--compact-snapshots",
+        action="store_true",
+        help="the daemon's [scheduler] compact_snapshots: snapshots packed between ticks and "
+        "persisted each tick",
     )
     p.add_argument(
         "--log-level",

@@ -333,7 +333,8 @@ def sync_cmd(
     cfg = _load()
     engine, instances = _prepare(cfg, only)
     client = GreenApiClient(pool_maxsize=workers or cfg.scheduler.max_workers)
-    syncer = Syncer(engine, client)
+    # one tick per instance: its snapshot is written for the next process to start from
+    syncer = Syncer(engine, client, persist_snapshots=True)
     line = ProgressLine(len(instances), sys.stderr, enabled=progress)
     syncer.listeners.append(line.listener)
     web: StatusServer | None = None
@@ -392,7 +393,7 @@ def run_cmd(workers: int | None, http_port: int | None, no_http: bool) -> None:
         lease_seconds=cfg.scheduler.lease_seconds,
     )
     daemon = Daemon(
-        syncer=Syncer(engine, client),
+        syncer=Syncer(engine, client, compact_snapshots=cfg.scheduler.compact_snapshots),
         instances=instances,
         leases=leases,
         max_workers=max_workers,

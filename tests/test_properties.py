@@ -350,9 +350,10 @@ PROFILE = settings(
     steps=STEPS,
     complete_lists=st.sampled_from([True, True, False]),
     confirmations=st.sampled_from([1, 2, 3]),
+    compact=st.booleans(),
 )
 def test_random_snapshot_sequences_keep_every_invariant(
-    engine: Engine, steps: list[Step], complete_lists: bool, confirmations: int
+    engine: Engine, steps: list[Step], complete_lists: bool, confirmations: int, compact: bool
 ) -> None:
     iid = next(_ids)
     inst = make_instance(
@@ -365,13 +366,14 @@ def test_random_snapshot_sequences_keep_every_invariant(
     register_instances(engine, [inst])
     model = Model(threshold=0.5, confirmations=confirmations, complete_lists=complete_lists)
     clock, client = Clock(), StubClient()
-    syncer = Syncer(engine, client, clock=clock)  # type: ignore[arg-type]
+    # compact: snapshots packed and persisted each tick, damaged at the restarts
+    syncer = Syncer(engine, client, clock=clock, compact_snapshots=compact)  # type: ignore[arg-type]
     history_before: dict[int, Any] = {}
     for n, step in enumerate(steps):
         clock.now += timedelta(seconds=step.advance)
         if step.restart:
             _damage_snapshot(engine, iid, step.damage)
-            syncer = Syncer(engine, client, clock=clock)  # type: ignore[arg-type]
+            syncer = Syncer(engine, client, clock=clock, compact_snapshots=compact)  # type: ignore[arg-type]
         client.body = _render(step.elements, clock.now)
         expected = model.apply(client.body, clock.now)
         out = syncer.sync(inst)

@@ -74,7 +74,7 @@ def test_a_fresh_process_reads_the_persisted_snapshot_not_the_rows(
 ) -> None:
     inst = make_instance(busy_sim)
     register_instances(engine, [inst])
-    assert Syncer(engine, fast_client).sync(inst).status == "ok"
+    assert Syncer(engine, fast_client, persist_snapshots=True).sync(inst).status == "ok"
     stored = scalar(
         engine, "SELECT COUNT(*) FROM instance_snapshots WHERE instance_id = :i", i=inst.id_instance
     )
@@ -83,7 +83,9 @@ def test_a_fresh_process_reads_the_persisted_snapshot_not_the_rows(
         busy_sim.step()
         reads = Reads(engine)
         try:
-            fresh = Syncer(engine, fast_client)  # a new process: nothing cached
+            fresh = Syncer(
+                engine, fast_client, persist_snapshots=True
+            )  # a new process: nothing cached
             assert fresh.preload([inst]) == 1
             out = fresh.sync(inst)
         finally:
@@ -93,10 +95,33 @@ def test_a_fresh_process_reads_the_persisted_snapshot_not_the_rows(
     # the same list again, in a new process: nothing written but the run and the state
     history = _history(engine, inst.id_instance)
     before = _state(engine, inst.id_instance)
-    out = Syncer(engine, fast_client).sync(inst)
+    out = Syncer(engine, fast_client, persist_snapshots=True).sync(inst)
     assert (out.chats_inserted, out.chats_updated, out.chats_removed) == (0, 0, 0)
     assert _state(engine, inst.id_instance) == before
     assert _history(engine, inst.id_instance) == history
+    check_history_invariants(engine)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_the_daemon_keeps_snapshots_as_dicts_or_packed_and_persists_only_packed_ones(
+    engine: Engine, busy_sim: Simulator, fast_client: GreenApiClient, compact: bool
+) -> None:
+    """A daemon's syncer by default keeps its snapshots as dicts and writes none (a steady
+    tick converts nothing); with ``compact_snapshots`` it keeps them packed and writes
+    each tick's, so that a replica taking the instance over starts from it. The data is
+    the same either way."""
+    inst = make_instance(busy_sim)
+    register_instances(engine, [inst])
+    syncer = Syncer(engine, fast_client, compact_snapshots=compact)
+    for _ in range(4):
+        assert syncer.sync(inst).status == "ok"
+        busy_sim.step()
+    stored = scalar(engine, "SELECT COUNT(*) FROM instance_snapshots")
+    assert stored == (1 if compact else 0)
+    assert (syncer.snapshots.packed_bytes() > 0) is compact
+    live = syncer.snapshots.get(inst.id_instance)
+    present = {r[0] for r in _state(engine, inst.id_instance) if r[-1]}
+    assert live is not None and live.present() == present
     check_history_invariants(engine)
 
 
@@ -110,7 +135,7 @@ def test_a_snapshot_that_cannot_be_used_falls_back_to_the_rows(
     ref_id, test_id = busy_sim.instance_ids
     ref, inst = make_instance(busy_sim, ref_id), make_instance(busy_sim, test_id)
     register_instances(engine, [ref, inst])
-    warm = Syncer(engine, fast_client)
+    warm = Syncer(engine, fast_client, persist_snapshots=True)
     for step in range(5):
         listed = busy_sim.chats(ref_id)
         before = None
@@ -120,14 +145,14 @@ def test_a_snapshot_that_cannot_be_used_falls_back_to_the_rows(
             before = _snapshot_row(engine, test_id)
             renamed = [dict(c, name=f"{c['name']} *") if c.get("name") else c for c in listed]
             busy_sim.set_chats(test_id, renamed)
-            assert Syncer(engine, fast_client).sync(inst).chats_updated > 0
+            assert Syncer(engine, fast_client, persist_snapshots=True).sync(inst).chats_updated > 0
         busy_sim.set_chats(test_id, listed)
         assert warm.sync(ref).status == "ok"
         if step:
             _damage(engine, test_id, damage, before)
         reads = Reads(engine)
         try:
-            out = Syncer(engine, fast_client).sync(inst)
+            out = Syncer(engine, fast_client, persist_snapshots=True).sync(inst)
         finally:
             reads.close()
         assert out.status == "ok", out
@@ -193,16 +218,16 @@ def test_an_operator_link_makes_the_next_process_read_the_rows(
     started afterwards must not trust the snapshot (it knows nothing of the new alias)."""
     inst = make_instance(busy_sim)
     register_instances(engine, [inst])
-    assert Syncer(engine, fast_client).sync(inst).status == "ok"
+    assert Syncer(engine, fast_client, persist_snapshots=True).sync(inst).status == "ok"
     chat = busy_sim.chats(inst.id_instance)[0]["id"]
     assert isinstance(chat, str)
     assert link_ids(engine, inst.id_instance, [(chat, "999@lid")], now=utcnow()).linked == 1
-    fresh = Syncer(engine, fast_client)
+    fresh = Syncer(engine, fast_client, persist_snapshots=True)
     assert fresh.preload([inst]) == 0  # stale: its version is behind the state's
 
 
 def test_packed_snapshots_round_trip_and_refuse_garbage() -> None:
-    cache = SnapshotCache()
+    cache = SnapshotCache(compact=True)
 
     packed = PackedSnapshot.pack(
         {"1@c.us": 11, "2@c.us": -22, "3@g.us": 33},
@@ -224,7 +249,7 @@ def test_packed_snapshots_round_trip_and_refuse_garbage() -> None:
     for broken in (b"", b"nope", data[:-1], data + b"x", b"CSS1" + data[4:20]):
         with pytest.raises(ValueError):
             PackedSnapshot.from_bytes(broken)
-    cache.keep_packed(1, packed, 3, persisted=True)
+    cache.keep_after(1, snap, packed, 3, persisted=True)
     assert cache.get_current(1, 5) is None  # another writer wrote version 4
     assert cache.get_current(1, 4) is cache.get(1)  # unpacked once per tick
     cache.settle(1)

@@ -29,7 +29,7 @@ import logging
 import struct
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
@@ -74,6 +74,13 @@ def decoder_tag(platform: str) -> str:
 def _join(ids: Any) -> bytes:
     # one join and one encode, both in C: a tick packs every chat id of its instance
     return "\x00".join(ids).encode("utf-8", "surrogatepass")
+
+
+def _int64(values: list[int]) -> array[int]:
+    # array.fromlist reads a list in C; array("q", iterable) goes item by item
+    out = array("q")
+    out.fromlist(values)
+    return out
 
 
 def _split(data: bytes) -> list[str]:
@@ -147,7 +154,7 @@ class Snapshot:
         decoded: DecodedChats,
         tag: str,
         identity: Identity,
-    ) -> PackedSnapshot:
+    ) -> Snapshot:
         """What is stored once a tick's writes commit: the chat rows it wrote, the chats
         it marked removed, its list's element hashes, the ids as it left them."""
         fingerprints = dict(self.fingerprints)
@@ -156,19 +163,39 @@ class Snapshot:
             fingerprints[values["chat_id"]] = row_fingerprint(values)
             gone.discard(values["chat_id"])
         gone.update(removed)
-        raw = decoded.raw_hashes or {}
-        return PackedSnapshot.pack(fingerprints, gone, raw, decoded.body_hash, tag, identity)
+        return self._next(fingerprints, gone, decoded, tag, identity)
 
     def after_first_load(
         self, chats: list[ChatRecord], decoded: DecodedChats, tag: str, identity: Identity
-    ) -> PackedSnapshot:
+    ) -> Snapshot:
         """What is stored once a first load commits."""
         fingerprints = dict(self.fingerprints)
         fingerprints.update((c.chat_id, chat_fingerprint(c)) for c in chats)
-        raw = decoded.raw_hashes or {}
-        return PackedSnapshot.pack(
-            fingerprints, set(self.removed), raw, decoded.body_hash, tag, identity
+        return self._next(fingerprints, set(self.removed), decoded, tag, identity)
+
+    def _next(
+        self,
+        fingerprints: dict[str, int],
+        removed: set[str],
+        decoded: DecodedChats,
+        tag: str,
+        identity: Identity,
+    ) -> Snapshot:
+        return Snapshot(
+            version=self.version,
+            fingerprints=fingerprints,
+            removed=removed,
+            raw=decoded.raw_hashes or {},
+            body_hash=decoded.body_hash,
+            tag=tag,
+            identity=identity,
         )
+
+    def with_identity(self, identity: Identity) -> Snapshot:
+        """This snapshot with other ids (a held tick that kept checkWhatsapp's answers)."""
+        if identity is self.identity:
+            return self
+        return replace(self, identity=identity, persisted=False, source=None)
 
     def packed(self, identity: Identity | None = None) -> PackedSnapshot:
         """This snapshot as it is (a tick that wrote no chat), with ``identity``."""
@@ -214,8 +241,8 @@ class PackedSnapshot:
         extra = {h: chat for h, chat in raw.items() if chat in others} if others else {}
         return cls(
             ids=_join(fingerprints),
-            fingerprints=array("q", fingerprints.values()),
-            raw=array("q", map(element.get, fingerprints, repeat(0))),
+            fingerprints=_int64(list(fingerprints.values())),
+            raw=_int64(list(map(element.get, fingerprints, repeat(0)))),
             removed=_join(sorted(removed)),
             body_hash=body_hash,
             tag=tag,
@@ -225,12 +252,12 @@ class PackedSnapshot:
 
     def unpack(self, version: int, *, persisted: bool = False) -> Snapshot:
         ids = _split(self.ids)
-        raw = dict(zip(self.raw, ids, strict=True))
+        raw = dict(zip(self.raw.tolist(), ids, strict=True))
         raw.pop(0, None)  # 0: the chat was not in the last list
         raw.update(self.extra)
         return Snapshot(
             version=version,
-            fingerprints=dict(zip(ids, self.fingerprints, strict=True)),
+            fingerprints=dict(zip(ids, self.fingerprints.tolist(), strict=True)),
             removed=set(_split(self.removed)),
             raw=raw,
             body_hash=self.body_hash,
@@ -312,28 +339,36 @@ class PackedSnapshot:
 
 @dataclass(slots=True)
 class _Entry:
-    packed: PackedSnapshot
     version: int
     persisted: bool
-    #: the unpacked form the running tick works with (dropped when the tick ends)
+    #: the packed form (``compact``, or read ahead from ``instance_snapshots``)
+    packed: PackedSnapshot | None = None
+    #: the unpacked form: the running tick's (``compact``), or kept between ticks
     live: Snapshot | None = None
 
 
 class SnapshotCache:
-    """The snapshots of the instances this process syncs, by instance id, packed between
-    ticks. One thread at a time syncs an instance (``Syncer.sync``), and a dict's get, set
-    and pop are atomic."""
+    """The snapshots of the instances this process syncs, by instance id. One thread at a
+    time syncs an instance (``Syncer.sync``), and a dict's get, set and pop are atomic.
 
-    def __init__(self) -> None:
+    ``compact``: kept packed between ticks (tens of bytes per chat; each tick unpacks and
+    packs its instance's snapshot, which costs CPU); else kept as dicts (a few hundred
+    bytes per chat, nothing to convert)."""
+
+    def __init__(self, *, compact: bool = False) -> None:
+        self.compact = compact
         self._entries: dict[int, _Entry] = {}
 
     def get(self, instance_id: int) -> Snapshot | None:
-        """The snapshot for the running tick (unpacked once per tick)."""
+        """The snapshot for the running tick (unpacked at most once per tick)."""
         entry = self._entries.get(instance_id)
         if entry is None:
             return None
         if entry.live is None:
+            assert entry.packed is not None  # an entry holds one form or both
             entry.live = entry.packed.unpack(entry.version, persisted=entry.persisted)
+            if not self.compact:
+                entry.packed = None  # the dicts are kept: the packed copy is not needed
         return entry.live
 
     def get_current(self, instance_id: int, version: int) -> Snapshot | None:
@@ -346,26 +381,38 @@ class SnapshotCache:
 
     def keep(self, instance_id: int, snap: Snapshot, version: int) -> None:
         """A snapshot read from the table (or unchanged), at ``version``."""
-        self._entries[instance_id] = _Entry(snap.packed(), version, snap.persisted, live=snap)
+        packed = snap.packed() if self.compact else None
+        self._entries[instance_id] = _Entry(version, snap.persisted, packed, live=snap)
 
-    def keep_packed(
-        self, instance_id: int, packed: PackedSnapshot, version: int, *, persisted: bool
+    def keep_after(
+        self,
+        instance_id: int,
+        snap: Snapshot,
+        packed: PackedSnapshot | None,
+        version: int,
+        *,
+        persisted: bool,
     ) -> None:
-        """What a committed tick left stored, at ``version``."""
-        self._entries[instance_id] = _Entry(packed, version, persisted)
+        """What a committed tick left stored, at ``version`` (``packed``: its packed form,
+        if the tick made one)."""
+        if self.compact:
+            self._entries[instance_id] = _Entry(version, persisted, packed or snap.packed())
+        else:
+            snap.persisted = persisted
+            self._entries[instance_id] = _Entry(version, persisted, live=snap)
 
     def adopt(self, instance_id: int, packed: PackedSnapshot, version: int) -> None:
         """A persisted snapshot read ahead of the instance's tick, unless the tick (or
         another read) got there first."""
-        self._entries.setdefault(instance_id, _Entry(packed, version, True))
+        self._entries.setdefault(instance_id, _Entry(version, True, packed))
 
     def __contains__(self, instance_id: int) -> bool:
         return instance_id in self._entries
 
     def settle(self, instance_id: int) -> None:
-        """The tick is over: keep only the packed form."""
+        """The tick is over: ``compact`` keeps only the packed form."""
         entry = self._entries.get(instance_id)
-        if entry is not None:
+        if self.compact and entry is not None and entry.packed is not None:
             entry.live = None
 
     def forget(self, instance_id: int) -> None:
@@ -373,7 +420,7 @@ class SnapshotCache:
 
     def packed_bytes(self) -> int:
         """About how much memory the packed snapshots take (for benchmarks)."""
-        return sum(e.packed.nbytes() for e in self._entries.values())
+        return sum(e.packed.nbytes() for e in self._entries.values() if e.packed is not None)
 
     def __len__(self) -> int:
         return len(self._entries)

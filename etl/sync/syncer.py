@@ -35,7 +35,7 @@ from etl.sync.group_commit import GroupCommit, Queued
 from etl.sync.guards import CLEAR, Verdict, judge
 from etl.sync.health import HealthBook
 from etl.sync.identify import Identified, IdStep, notes_text
-from etl.sync.identity import translate
+from etl.sync.identity import Identity, translate
 from etl.sync.linking import Asked, Linker
 from etl.sync.outcome import SyncOutcome, log_outcome
 from etl.sync.plan import (
@@ -100,13 +100,18 @@ class Syncer:
         *,
         clock: Callable[[], datetime] = utcnow,
         monotonic: Callable[[], float] = time.monotonic,
+        compact_snapshots: bool = False,
+        persist_snapshots: bool | None = None,
     ) -> None:
         self.engine = engine
         self.client = client
         self.clock = clock
         self.store = store_for(engine.dialect.name)
         self.health = HealthBook(monotonic)
-        self.snapshots = SnapshotCache()
+        self.snapshots = SnapshotCache(compact=compact_snapshots)
+        #: whether each tick writes its instance's snapshot into ``instance_snapshots``
+        #: (default: when kept compact, where the packed form is at hand anyway)
+        self.persist = compact_snapshots if persist_snapshots is None else persist_snapshots
         #: checkWhatsapp lookups for the ids of an id switch
         self.linker = Linker(client)
         self.ids = IdStep(engine, self.store, self.snapshots, self.linker, clock)
@@ -422,41 +427,64 @@ class Syncer:
         outcome.chats_removed, outcome.ephemeral_changes = counts.removed, counts.ephemeral_changes
         outcome.ids_changed, outcome.error = counts.ids_changed, notes_text(decoded)
         self.health.note(instance, outcome)
-        run = functools.partial(self._run_row, outcome, item.t0)
         aliases = {**ident.aliases, **ident.late}
         identity = snap.identity.after(ident.changes, aliases)
-        tag = decoder_tag(instance.platform)
-        if isinstance(plan, FirstLoad):
-            packed = snap.after_first_load(plan.chats, decoded, tag, identity)
-            saved = self._snapshot_write(iid, locked, snap, packed, unchanged=False)
-            outcome.sync_run_id = self.store.write_first_load(conn, locked, plan, run, saved)
-        else:
-            unchanged = (
-                not plan.chat_rows
-                and not plan.removed
-                and identity is snap.identity
-                and decoded.body_hash == snap.body_hash != 0
-                and tag == snap.tag
-            )
-            if unchanged and snap.source is not None:
-                packed = snap.source  # the same, already packed
-            else:
-                packed = snap.after_write(plan.chat_rows, plan.removed, decoded, tag, identity)
-            saved = self._snapshot_write(iid, locked, snap, packed, unchanged=unchanged)
-            outcome.sync_run_id = self.store.write_tick(conn, locked, plan, run, saved)
+        new, packed = self._write_plan(conn, item, outcome, locked, plan, snap, decoded, identity)
         if aliases or ident.changes:
             self.store.write_identity(conn, iid, ident.changes, aliases, now)
         return functools.partial(
-            self.snapshots.keep_packed, iid, packed, locked.version, persisted=True
+            self.snapshots.keep_after, iid, new, packed, locked.version, persisted=self.persist
         )
 
-    def _snapshot_write(
-        self, iid: int, locked: Locked, snap: Snapshot, packed: PackedSnapshot, *, unchanged: bool
-    ) -> SnapshotWrite:
-        """The instance's persisted snapshot as the tick leaves it: only its version moves
-        on when nothing in it changed and the one persisted is ``snap``."""
-        data = None if unchanged and snap.persisted else packed.to_bytes()
-        return SnapshotWrite(iid, locked.version, data, self.clock())
+    def _write_plan(
+        self,
+        conn: Connection,
+        item: _Pending,
+        outcome: SyncOutcome,
+        locked: Locked,
+        plan: TickPlan | FirstLoad,
+        snap: Snapshot,
+        decoded: DecodedChats,
+        identity: Identity,
+    ) -> tuple[Snapshot, PackedSnapshot | None]:
+        """Write a planned tick with its run row (and persisted snapshot); returns the
+        snapshot as the tick leaves it, and its packed form if one was made."""
+        iid = item.instance.id_instance
+        run = functools.partial(self._run_row, outcome, item.t0)
+        tag = decoder_tag(item.instance.platform)
+        if isinstance(plan, FirstLoad):
+            new = snap.after_first_load(plan.chats, decoded, tag, identity)
+            packed, saved = self._persisted(iid, locked, snap, new)
+            outcome.sync_run_id = self.store.write_first_load(conn, locked, plan, run, saved)
+            return new, packed
+        unchanged = (
+            not plan.chat_rows
+            and not plan.removed
+            and identity is snap.identity
+            and decoded.body_hash == snap.body_hash != 0
+            and tag == snap.tag
+        )
+        if unchanged:
+            new = snap
+        else:
+            new = snap.after_write(plan.chat_rows, plan.removed, decoded, tag, identity)
+        packed, saved = self._persisted(iid, locked, snap, new)
+        outcome.sync_run_id = self.store.write_tick(conn, locked, plan, run, saved)
+        return new, packed
+
+    def _persisted(
+        self, iid: int, locked: Locked, snap: Snapshot, new: Snapshot
+    ) -> tuple[PackedSnapshot | None, SnapshotWrite | None]:
+        """The packed form of ``new`` and its write into ``instance_snapshots`` (none when
+        this syncer does not persist): only the version moves on when ``new`` is the
+        snapshot persisted before."""
+        if not self.persist:
+            return None, None
+        # an unchanged snapshot read from its packed form is packed already
+        same = new is snap and snap.source is not None
+        packed = snap.source if same and snap.source is not None else new.packed()
+        data = None if new is snap and snap.persisted else packed.to_bytes()
+        return packed, SnapshotWrite(iid, locked.version, data, self.clock())
 
     def _decoded(
         self, item: _Pending, snap: Snapshot, prefetch: _Prefetch | None
@@ -547,14 +575,13 @@ class Syncer:
         self.health.note(item.instance, outcome)
         row = self._run_row(outcome, item.t0)
         iid = item.instance.id_instance
-        identity = snap.identity.after([], ident.aliases)
-        packed = snap.packed(identity)
-        saved = self._snapshot_write(iid, locked, snap, packed, unchanged=not ident.aliases)
+        new = snap.with_identity(snap.identity.after([], ident.aliases))
+        packed, saved = self._persisted(iid, locked, snap, new)
         outcome.sync_run_id = self.store.write_run(conn, locked, row, saved)
         if ident.aliases:
             self.store.write_identity(conn, iid, [], ident.aliases, self.clock())
         return functools.partial(
-            self.snapshots.keep_packed, iid, packed, locked.version, persisted=True
+            self.snapshots.keep_after, iid, new, packed, locked.version, persisted=self.persist
         )
 
     def _write_lost(

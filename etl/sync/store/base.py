@@ -398,8 +398,11 @@ class Store:
         )
         return {r.instance_id: (int(r.version), bytes(r.data)) for r in rows}
 
-    def save_snapshot(self, conn: Connection, snapshot: SnapshotWrite) -> None:
-        """The instance's persisted snapshot, in a statement of its own."""
+    def save_snapshot(self, conn: Connection, snapshot: SnapshotWrite | None) -> None:
+        """The instance's persisted snapshot, in a statement of its own (None: not
+        persisted by this syncer)."""
+        if snapshot is None:
+            return
         if snapshot.data is None:
             params = {"iid": snapshot.instance_id, "version": snapshot.version}
             conn.execute(self.bump_snapshot, params)
@@ -438,7 +441,12 @@ class Store:
         raise NotImplementedError
 
     def write_tick(
-        self, conn: Connection, locked: Locked, plan: TickPlan, run: RunRow, snapshot: SnapshotWrite
+        self,
+        conn: Connection,
+        locked: Locked,
+        plan: TickPlan,
+        run: RunRow,
+        snapshot: SnapshotWrite | None,
     ) -> int:
         """Every write of ``plan``, the snapshot and the run row; returns the run's id."""
         raise NotImplementedError
@@ -449,7 +457,7 @@ class Store:
         locked: Locked,
         load: FirstLoad,
         run: RunRow,
-        snapshot: SnapshotWrite,
+        snapshot: SnapshotWrite | None,
     ) -> int:
         """A first load; by default the same writes as any tick."""
         return self.write_tick(conn, locked, load.expand(), run, snapshot)

@@ -159,8 +159,10 @@ UPDATE instance_snapshots SET version = %s WHERE instance_id = %s AND version = 
 """
 
 
-def add_snapshot(stmt: CteStatement, snapshot: SnapshotWrite) -> None:
-    """The tick's persisted snapshot, as a part of its statement."""
+def add_snapshot(stmt: CteStatement, snapshot: SnapshotWrite | None) -> None:
+    """The tick's persisted snapshot, as a part of its statement (None: not persisted)."""
+    if snapshot is None:
+        return
     if snapshot.data is None:
         args = (snapshot.version, snapshot.instance_id, snapshot.version - 1)
         stmt.add("sn", "instance_snapshots", _BUMP_SNAPSHOT, *args)

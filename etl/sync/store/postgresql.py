@@ -133,7 +133,12 @@ class PostgresStore(Store):
         return int(conn.exec_driver_sql(sql, params).scalar_one())
 
     def write_tick(
-        self, conn: Connection, locked: Locked, plan: TickPlan, run: RunRow, snapshot: SnapshotWrite
+        self,
+        conn: Connection,
+        locked: Locked,
+        plan: TickPlan,
+        run: RunRow,
+        snapshot: SnapshotWrite | None,
     ) -> int:
         run_id = _reserved(locked)
         stmt = pg_sql.tick_statement(plan, run_id)
@@ -146,7 +151,7 @@ class PostgresStore(Store):
         locked: Locked,
         load: FirstLoad,
         run: RunRow,
-        snapshot: SnapshotWrite,
+        snapshot: SnapshotWrite | None,
     ) -> int:
         run_id = _reserved(locked)
         stmt = pg_sql.first_load_statement(load, run_id)

@@ -117,12 +117,16 @@ class SQLiteStore(Store):
         snapshot: SnapshotWrite | None = None,
     ) -> int:
         seq = self._seq(conn, locked)
-        if snapshot is not None:
-            self.save_snapshot(conn, snapshot)
+        self.save_snapshot(conn, snapshot)
         return int(conn.execute(self.insert_run, {**row, "change_seq": seq}).scalar_one())
 
     def write_tick(
-        self, conn: Connection, locked: Locked, plan: TickPlan, run: RunRow, snapshot: SnapshotWrite
+        self,
+        conn: Connection,
+        locked: Locked,
+        plan: TickPlan,
+        run: RunRow,
+        snapshot: SnapshotWrite | None,
     ) -> int:
         self.save_snapshot(conn, snapshot)
         seq = self._seq(conn, locked)
