@@ -9,13 +9,19 @@ failures (the instance is fine; our side is not). ``ERROR_KINDS`` says which is 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Engine
 
 from etl.config import Instance
 from etl.errors import Backoff, error_kind
 from etl.sync.outcome import SyncOutcome
+
+if TYPE_CHECKING:  # the store imports the sync's parts
+    from etl.sync.store import Store
 
 #: every line of a tick comes from one logger, "etl.sync", whichever part writes it
 log = logging.getLogger("etl.sync")
@@ -107,3 +113,26 @@ class HealthBook:
 
     def forget(self, instance_id: int) -> None:
         self._health.pop(instance_id, None)
+
+
+def restore_backoff(
+    engine: Engine,
+    store: Store,
+    health: HealthBook,
+    instances: Sequence[Instance],
+    now: datetime,
+) -> dict[int, tuple[datetime | None, int]]:
+    """Resume each instance's backoff from its state row (its failures in a row and when
+    it is due), after a restart; returns when each is due (None: never synced) and its
+    failures in a row."""
+    by_id = {i.id_instance: i for i in instances}
+    ids = list(by_id)
+    due: dict[int, tuple[datetime | None, int]] = {}
+    chunk = store.read_chunk
+    with engine.connect() as conn:
+        for start in range(0, len(ids), chunk):
+            for row in store.load_health(conn, ids[start : start + chunk]):
+                inst = by_id[row.instance_id]
+                health.restore(inst, row.failures, row.failure_kind, row.next_due_at, now)
+                due[row.instance_id] = (row.next_due_at, row.failures)
+    return due

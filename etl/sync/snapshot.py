@@ -1,5 +1,5 @@
-"""What is stored for each instance, as one fingerprint per chat; kept compact between
-ticks, and persisted next to the instance's state.
+"""What is stored for each instance, as one fingerprint per chat; kept between ticks (as
+dicts, or packed), and persisted next to the instance's state.
 
 A steady fleet changes few chats per tick, so reading every stored chat back each tick
 would be most of the database work. A snapshot holds, per instance, a fingerprint of every
@@ -11,12 +11,15 @@ table. Only chats whose element or fingerprint differs are read back and diffed.
 
 Three forms:
 
-* ``Snapshot``: the form a tick works with (dicts and sets), made for one tick;
-* ``PackedSnapshot``: the form kept between ticks, a few flat arrays (ids joined in one
-  ``bytes``, fingerprints and element hashes in ``array('q')``), so that a daemon holding
-  millions of chats keeps tens of bytes per chat instead of hundreds;
+* ``Snapshot``: the form a tick works with (dicts and sets); kept between ticks as it
+  is by default (nothing to convert);
+* ``PackedSnapshot``: the form kept between ticks with ``compact_snapshots``, a few flat
+  arrays (ids joined in one ``bytes``, fingerprints and element hashes in
+  ``array('q')``), so that a daemon holding millions of chats keeps tens of bytes per
+  chat instead of hundreds;
 * its bytes (``to_bytes``), written in the tick's own transaction into
-  ``instance_snapshots`` with the version it describes, so that a new process (``etl sync
+  ``instance_snapshots`` with the version it describes (by ``etl sync --once``, and by
+  the daemon with ``compact_snapshots``), so that a new process (the next ``etl sync
   --once``, a restart, a replica taking instances over) reads one value per instance
   instead of every chat row. A missing, stale (another version) or unreadable one is
   ignored: the snapshot is then rebuilt from the rows, as before.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import threading
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -35,6 +39,7 @@ from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from etl.config import Instance
 from etl.payload import DECODER_VERSION, ChatRecord, DecodedChats
@@ -55,6 +60,7 @@ __all__ = [
     "decoder_tag",
     "fingerprint",
     "preload",
+    "preload_ahead",
     "row_fingerprint",
 ]
 
@@ -453,3 +459,23 @@ def preload(
                 cache.adopt(iid, packed, version)
                 found += 1
     return found
+
+
+def preload_ahead(
+    engine: Engine, store: Store, cache: SnapshotCache, instances: Sequence[Instance]
+) -> threading.Thread:
+    """``preload`` on a thread of its own, in the order given (the order the ticks will
+    come in), while the ticks run: a few statements read ahead of them instead of one per
+    tick. A tick that gets there first reads its own."""
+
+    def run() -> None:
+        try:
+            found = preload(engine, store, cache, instances)
+        except SQLAlchemyError as exc:
+            log.info("could not read the persisted snapshots ahead: %s", type(exc).__name__)
+            return
+        log.debug("read %d persisted snapshots ahead of their ticks", found)
+
+    thread = threading.Thread(target=run, name="snapshot-preload", daemon=True)
+    thread.start()
+    return thread

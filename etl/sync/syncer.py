@@ -17,7 +17,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,15 +27,15 @@ from etl.client import GreenApiClient
 from etl.clock import utcnow
 from etl.config import Instance
 from etl.errors import ApiError, ErrorKind, SyncError
-from etl.payload import ChatRecord, DecodedChats, decode_chats
+from etl.payload import DecodedChats, decode_chats
 from etl.redact import redact
 from etl.sync.failures import FailureLog, log_failure
 from etl.sync.group_commit import GroupCommit, Queued
 from etl.sync.guards import CLEAR, Verdict, judge
-from etl.sync.health import HealthBook
+from etl.sync.health import HealthBook, restore_backoff
 from etl.sync.identify import Identified, IdStep, notes_text
 from etl.sync.identity import Identity, translate
-from etl.sync.linking import Asked, Linker
+from etl.sync.linking import Linker
 from etl.sync.outcome import SyncOutcome, log_outcome
 from etl.sync.plan import (
     FirstLoad,
@@ -46,8 +45,16 @@ from etl.sync.plan import (
     plan_tick,
     vanished_chats,
 )
-from etl.sync.snapshot import PackedSnapshot, Snapshot, SnapshotCache, decoder_tag, preload
+from etl.sync.snapshot import (
+    PackedSnapshot,
+    Snapshot,
+    SnapshotCache,
+    decoder_tag,
+    preload,
+    preload_ahead,
+)
 from etl.sync.store import Claim, Locked, SnapshotWrite, TickState, store_for
+from etl.sync.tick import Pending, Prefetch
 
 #: every line of a tick comes from one logger, "etl.sync", whichever part writes it
 log = logging.getLogger("etl.sync")
@@ -57,37 +64,6 @@ GROUP_LIMIT = 32
 #: how many groups are written at once (see ``etl.sync.group_commit``; the figures behind
 #: this number are in docs/benchmarks.md)
 GROUP_WRITERS = 4
-
-
-@dataclass(slots=True, eq=False)
-class _Pending:
-    """A fetched and decoded tick waiting for its write."""
-
-    instance: Instance
-    decoded: DecodedChats
-    body: bytes
-    #: the snapshot whose raw hashes the decode skipped unchanged elements against
-    decoded_with: Snapshot | None
-    #: the fetch's outcome (started_at, http_status, attempts)
-    fetched: SyncOutcome
-    t0: float
-    #: the checkWhatsapp answers an id switch of this list needs (``linking``)
-    asked: Asked
-    #: the lease the tick is made under (several replicas), or None
-    claim: Claim | None
-
-
-@dataclass(slots=True, eq=False)
-class _Prefetch:
-    """A steady tick's read-back, chosen before the lock so that the store can send it
-    with the lock (``Store.reads_with_lock``)."""
-
-    snap: Snapshot
-    candidates: list[ChatRecord]
-    read_ids: list[str]
-    #: the list with its ids mapped to the chats of ``snap`` (``identity.translate``)
-    decoded: DecodedChats
-    changes: list[IdChange]
 
 
 class Syncer:
@@ -117,7 +93,7 @@ class Syncer:
         self.ids = IdStep(engine, self.store, self.snapshots, self.linker, clock)
         #: failed ticks: recorded, or kept while the database is unreachable
         self.failures = FailureLog(engine, self.store, self.health, clock)
-        self.group: GroupCommit[_Pending, SyncOutcome] = GroupCommit(
+        self.group: GroupCommit[Pending, SyncOutcome] = GroupCommit(
             self._write_group, limit=GROUP_LIMIT, writers=GROUP_WRITERS
         )
         #: called with every finished outcome (metrics, status); errors are logged, not raised
@@ -140,26 +116,9 @@ class Syncer:
     def restore_backoff(
         self, instances: Sequence[Instance]
     ) -> dict[int, tuple[datetime | None, int]]:
-        """Resume each instance's backoff from its state row (its failures in a row and
-        when it is due), after a restart; returns when each is due (None: never synced)
-        and its failures in a row."""
-        by_id = {i.id_instance: i for i in instances}
-        now = self.clock()
-        ids = list(by_id)
-        due: dict[int, tuple[datetime | None, int]] = {}
-        chunk = self.store.read_chunk
-        with self.engine.connect() as conn:
-            for start in range(0, len(ids), chunk):
-                for row in self.store.load_health(conn, ids[start : start + chunk]):
-                    self.adopt(
-                        by_id[row.instance_id],
-                        row.failures,
-                        row.failure_kind,
-                        row.next_due_at,
-                        now,
-                    )
-                    due[row.instance_id] = (row.next_due_at, row.failures)
-        return due
+        """Resume each instance's backoff from its state row, after a restart
+        (``health.restore_backoff``)."""
+        return restore_backoff(self.engine, self.store, self.health, instances, self.clock())
 
     def adopt(
         self,
@@ -186,21 +145,8 @@ class Syncer:
         return preload(self.engine, self.store, self.snapshots, instances)
 
     def preload_ahead(self, instances: Sequence[Instance]) -> threading.Thread:
-        """``preload`` on a thread of its own, in the order given (the order the ticks
-        will come in), while the ticks run: a few statements read ahead of them instead
-        of one per tick. A tick that gets there first reads its own."""
-
-        def run() -> None:
-            try:
-                found = self.preload(instances)
-            except SQLAlchemyError as exc:
-                log.info("could not read the persisted snapshots ahead: %s", type(exc).__name__)
-                return
-            log.debug("read %d persisted snapshots ahead of their ticks", found)
-
-        thread = threading.Thread(target=run, name="snapshot-preload", daemon=True)
-        thread.start()
-        return thread
+        """``preload`` on a thread of its own, ahead of the ticks (``snapshot.preload``)."""
+        return preload_ahead(self.engine, self.store, self.snapshots, instances)
 
     def _snapshot(self, instance: Instance) -> Snapshot | None:
         """The instance's snapshot for this tick: this process's, else the persisted one
@@ -265,7 +211,7 @@ class Syncer:
 
     def _fetch(
         self, instance: Instance, outcome: SyncOutcome, t0: float, claim: Claim | None
-    ) -> _Pending | None:
+    ) -> Pending | None:
         """Fetch and decode; a failure is recorded at once (and None returned)."""
         try:
             fetched = self.client.get_chats(instance)
@@ -297,11 +243,11 @@ class Syncer:
             return None
         snap = decoded_with or self.ids.read_snapshot(instance)
         asked = self.ids.ask_links(instance, decoded, snap, t0)
-        return _Pending(instance, decoded, fetched.body, decoded_with, outcome, t0, asked, claim)
+        return Pending(instance, decoded, fetched.body, decoded_with, outcome, t0, asked, claim)
 
     # -- the write -----------------------------------------------------------------------
 
-    def _write_group(self, batch: list[Queued[_Pending, SyncOutcome]]) -> None:
+    def _write_group(self, batch: list[Queued[Pending, SyncOutcome]]) -> None:
         """Write the ticks of ``batch``: together in one transaction, or one by one when
         that transaction failed on a statement (so one bad tick still fails alone)."""
         if len(batch) > 1 and self._write_together(batch):
@@ -309,7 +255,7 @@ class Syncer:
         for queued in batch:
             queued.done(self._write_alone(queued.item))
 
-    def _write_together(self, batch: list[Queued[_Pending, SyncOutcome]]) -> bool:
+    def _write_together(self, batch: list[Queued[Pending, SyncOutcome]]) -> bool:
         """False when the group must be written again tick by tick."""
         began = False
         # one order for every group: two replicas' groups never wait on each other
@@ -335,7 +281,7 @@ class Syncer:
             queued.done(outcome)
         return True
 
-    def _write_alone(self, item: _Pending) -> SyncOutcome:
+    def _write_alone(self, item: Pending) -> SyncOutcome:
         try:
             with self.engine.begin() as conn:
                 outcome, after_commit = self._write_tick(conn, item)
@@ -345,7 +291,7 @@ class Syncer:
         return outcome
 
     def _write_tick(
-        self, conn: Connection, item: _Pending
+        self, conn: Connection, item: Pending
     ) -> tuple[SyncOutcome, Callable[[], None]]:
         """Apply one tick inside ``conn``'s transaction (a fresh outcome per attempt);
         returns it with what to do once the transaction has committed."""
@@ -367,7 +313,7 @@ class Syncer:
             return outcome, self._write_lost(conn, item, outcome, locked)
         return outcome, self._apply(conn, item, outcome, locked, now, prefetch)
 
-    def _prefetch(self, item: _Pending) -> _Prefetch | None:
+    def _prefetch(self, item: Pending) -> Prefetch | None:
         """The chats to read back, judged against the cached snapshot before the lock, so
         that the read rides on the lock's round trip (steady state, where the store can)."""
         snap = self.snapshots.get(item.instance.id_instance)
@@ -382,16 +328,16 @@ class Syncer:
         ids = [c.chat_id for c in candidates if c.chat_id in snap.fingerprints]
         if not ids or len(ids) > self.store.read_chunk:
             return None
-        return _Prefetch(snap, candidates, ids, decoded, changes)
+        return Prefetch(snap, candidates, ids, decoded, changes)
 
     def _apply(
         self,
         conn: Connection,
-        item: _Pending,
+        item: Pending,
         outcome: SyncOutcome,
         locked: Locked,
         now: datetime,
-        prefetch: _Prefetch | None,
+        prefetch: Prefetch | None,
     ) -> Callable[[], None]:
         """Judge, plan and write one tick, the instance locked; returns what to do once
         the transaction has committed."""
@@ -439,7 +385,7 @@ class Syncer:
     def _write_plan(
         self,
         conn: Connection,
-        item: _Pending,
+        item: Pending,
         outcome: SyncOutcome,
         locked: Locked,
         plan: TickPlan | FirstLoad,
@@ -487,7 +433,7 @@ class Syncer:
         return packed, SnapshotWrite(iid, locked.version, data, self.clock())
 
     def _decoded(
-        self, item: _Pending, snap: Snapshot, prefetch: _Prefetch | None
+        self, item: Pending, snap: Snapshot, prefetch: Prefetch | None
     ) -> tuple[DecodedChats, list[IdChange]]:
         """The list with its ids mapped to ``snap``'s chats, and the chats seen under
         another id than the one in use."""
@@ -522,13 +468,13 @@ class Syncer:
     def _plan(
         self,
         conn: Connection,
-        item: _Pending,
+        item: Pending,
         decoded: DecodedChats,
         snap: Snapshot,
         vanished: set[str],
         now: datetime,
         locked: Locked,
-        prefetch: _Prefetch | None,
+        prefetch: Prefetch | None,
     ) -> TickPlan | FirstLoad:
         """The tick's writes: every chat of a first load, else the chats whose
         fingerprint differs from the snapshot's, compared with their stored rows."""
@@ -560,7 +506,7 @@ class Syncer:
     def _write_anomaly(
         self,
         conn: Connection,
-        item: _Pending,
+        item: Pending,
         outcome: SyncOutcome,
         locked: Locked,
         verdict: Verdict,
@@ -585,7 +531,7 @@ class Syncer:
         )
 
     def _write_lost(
-        self, conn: Connection, item: _Pending, outcome: SyncOutcome, locked: Locked
+        self, conn: Connection, item: Pending, outcome: SyncOutcome, locked: Locked
     ) -> Callable[[], None]:
         """A tick whose claim another replica has taken since: its run row says so, and
         nothing else is written (the new owner syncs the instance now)."""
@@ -613,7 +559,7 @@ class Syncer:
 
     # -- failures ------------------------------------------------------------------------
 
-    def _database_failure(self, item: _Pending, exc: SQLAlchemyError) -> SyncOutcome:
+    def _database_failure(self, item: Pending, exc: SQLAlchemyError) -> SyncOutcome:
         """The failed outcome of a tick whose transaction failed (not yet recorded)."""
         self.snapshots.forget(item.instance.id_instance)
         orig = getattr(exc, "orig", None) or exc
