@@ -333,8 +333,9 @@ def sync_cmd(
     cfg = _load()
     engine, instances = _prepare(cfg, only)
     client = GreenApiClient(pool_maxsize=workers or cfg.scheduler.max_workers)
-    # one tick per instance: its snapshot is written for the next process to start from
-    syncer = Syncer(engine, client, persist_snapshots=True)
+    # one tick per instance: its snapshot is written for the next process to start from;
+    # packed, since the tick packs it to write it anyway
+    syncer = Syncer(engine, client, compact_snapshots=True)
     line = ProgressLine(len(instances), sys.stderr, enabled=progress)
     syncer.listeners.append(line.listener)
     web: StatusServer | None = None

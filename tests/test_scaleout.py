@@ -22,7 +22,7 @@ from tests.conftest import _new_pg_database
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 INSTANCES = 300
-INTERVAL = 8
+INTERVAL = 4
 TOKEN = "5c" * 25
 
 
