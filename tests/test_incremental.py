@@ -149,7 +149,7 @@ def test_loads_run_while_replicas_commit_end_with_every_row_once(migrated_db_url
     settings, removals, returns), one instance shared by both, while a loader runs the
     documented queries in a loop; then one last pass. Bounded by the number of ticks."""
     rates = ChangeRates(
-        new=0.1, rename=0.1, archive=0.05, ephemeral=0.15, removal=0.08, returns=0.4
+        new=0.04, rename=0.1, archive=0.05, ephemeral=0.15, removal=0.08, returns=0.4
     )
     engines = [make_engine(migrated_db_url), make_engine(migrated_db_url)]
     clients = [GreenApiClient(backoff_initial=0.01, backoff_max=0.05) for _ in engines]
