@@ -328,10 +328,15 @@ class LeaseManager:
         self.statements["release"] += 1
         log.info("handed %d instances back to rebalance replicas", len(instance_ids))
 
-    def lost(self, instance_id: int) -> None:
-        """A tick found its claim gone (``lease_lost``): the instance is another's now."""
+    def lost(self, instance_id: int, epoch: int) -> bool:
+        """A tick made under ``epoch`` found its claim gone (``lease_lost``): the instance
+        is another's now, unless this replica has claimed it again since (a newer epoch,
+        which the stale tick must not drop); returns whether it was dropped."""
         with self._lock:
-            self._owned.pop(instance_id, None)
+            if self._owned.get(instance_id) != epoch:
+                return False
+            del self._owned[instance_id]
+            return True
 
     def release_all(self) -> None:
         """At shutdown: hand every instance back so other replicas take over at once."""

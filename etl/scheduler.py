@@ -115,8 +115,8 @@ class Daemon:
         except Exception:  # never let one tick kill the job or the daemon
             log.exception("instance %s: unexpected error in sync", iid)
             return None
-        if outcome.error_kind == ErrorKind.LEASE_LOST:
-            self.leases.lost(iid)
+        lost = outcome.error_kind == ErrorKind.LEASE_LOST and claim is not None
+        if lost and claim is not None and self.leases.lost(iid, claim.epoch):
             self._unschedule([iid])
         with self._ticks_lock:
             self.ticks += 1

@@ -111,6 +111,27 @@ def test_a_dead_replicas_instances_are_taken_over_and_it_learns_so_when_it_wakes
 
 
 @pg_only
+def test_a_stale_ticks_lost_lease_does_not_drop_a_newer_claim(
+    engine: Engine, fleet_sim: Simulator
+) -> None:
+    """A tick made under an old epoch ends as ``lease_lost`` after this replica has claimed
+    the instance again (seen through PgBouncer: the stalled replica woke, lost its
+    instances, claimed some back, then its stale tick came back refused). Dropping the
+    instance then would leave it owned in the database and scheduled nowhere."""
+    fleet = _fleet(fleet_sim, engine)
+    a = LeaseManager(engine, fleet)
+    a.start()
+    a.beat()
+    a.beat()
+    iid = fleet[0].id_instance
+    claim = a.claim(iid)
+    assert claim is not None
+    assert not a.lost(iid, claim.epoch - 1)  # an older claim's tick: this one stays
+    assert iid in a.owned
+    assert a.lost(iid, claim.epoch) and iid not in a.owned
+
+
+@pg_only
 def test_no_tick_starts_after_a_heartbeat_that_could_not_reach_the_database(
     engine: Engine, fleet_sim: Simulator
 ) -> None:
