@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text as sql_text
 
 from etl.client import GreenApiClient
 from etl.db import make_engine
@@ -117,8 +118,23 @@ def test_two_replicas_through_pgbouncer(pg_db: str, tmp_path: Path) -> None:
         failed = count(
             engine,
             "SELECT COUNT(*) FROM sync_runs WHERE status = 'failed'"
-            " AND error_kind NOT IN ('lease_lost', 'timeout')",
+            " AND error_kind NOT IN ('lease_lost', 'timeout', 'database')",
         )
+        # a tick of another instance that the stopped replica had inside its write
+        # transaction is ended by the server (idle in transaction past the lease): a
+        # database failure, but only one that a stall went through
+        with engine.connect() as conn:
+            database_failures = conn.execute(
+                sql_text(
+                    "SELECT started_at, finished_at FROM sync_runs"
+                    " WHERE status = 'failed' AND error_kind = 'database'"
+                )
+            ).all()
+        unexplained = [
+            (start, end)
+            for start, end in database_failures
+            if not any(start <= at <= end for at in staller.stopped)
+        ]
         stalled = [run_at(engine, watched, at) for at in staller.stopped]
         flips = history_flips(engine, watched)
     finally:
@@ -127,6 +143,7 @@ def test_two_replicas_through_pgbouncer(pg_db: str, tmp_path: Path) -> None:
     assert "prepared statement" not in logs
     assert "Traceback" not in logs
     assert failed == 0, logs[-3000:]
+    assert unexplained == [], (unexplained, staller.stopped)
     assert flips == 0
     assert all(r is not None and r.status == "failed" for r in stalled), stalled
     assert any(r.error_kind == "lease_lost" for r in stalled if r is not None), stalled
