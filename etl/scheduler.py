@@ -115,7 +115,7 @@ class Daemon:
         except Exception:  # never let one tick kill the job or the daemon
             log.exception("instance %s: unexpected error in sync", iid)
             return None
-        lost = outcome.error_kind == ErrorKind.LEASE_LOST and claim is not None
+        lost = outcome.error_kind == ErrorKind.LEASE_LOST
         if lost and claim is not None and self.leases.lost(iid, claim.epoch):
             self._unschedule([iid])
         with self._ticks_lock:

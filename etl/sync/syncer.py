@@ -427,8 +427,7 @@ class Syncer:
         if not self.persist:
             return None, None
         # an unchanged snapshot read from its packed form is packed already
-        same = new is snap and snap.source is not None
-        packed = snap.source if same and snap.source is not None else new.packed()
+        packed = snap.source if new is snap and snap.source is not None else new.packed()
         data = None if new is snap and snap.persisted else packed.to_bytes()
         return packed, SnapshotWrite(iid, locked.version, data, self.clock())
 
