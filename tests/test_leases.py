@@ -180,16 +180,11 @@ def test_a_write_under_a_claim_no_longer_held_writes_nothing_but_its_run(
         )
     fleet_sim.set_chats(iid, [dict(c, name="changed") for c in fleet_sim.chats(iid)])
     chats_before = rows(engine, "SELECT chat_id, name FROM chats ORDER BY chat_id")
-    version = scalar(
-        engine, "SELECT version FROM instance_sync_state WHERE instance_id = :i", i=iid
-    )
+    version = scalar(engine, VERSION, i=iid)
     out = syncer.sync(inst, Claim("a", 6))
     assert (out.status, out.error_kind) == ("failed", "lease_lost")
     assert rows(engine, "SELECT chat_id, name FROM chats ORDER BY chat_id") == chats_before
-    assert (
-        scalar(engine, "SELECT version FROM instance_sync_state WHERE instance_id = :i", i=iid)
-        == version
-    )
+    assert scalar(engine, VERSION, i=iid) == version
     assert scalar(engine, "SELECT COUNT(*) FROM sync_runs WHERE error_kind = 'lease_lost'") == 1
     assert iid not in syncer.snapshots  # its memory goes with the lease
     # under the claim that is held, the same list is written

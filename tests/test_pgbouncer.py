@@ -13,13 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text as sql_text
 
 from etl.client import GreenApiClient
 from etl.db import make_engine
 from etl.simulator import ChangeRates, Simulator
 from etl.sync import Syncer, register_instances
 from tests.conftest import REQUIRE_PG, make_instance
+from tests.factories import rows
 from tests.pgbouncer import BINARY, pgbouncer
 from tests.replicas import (
     Staller,
@@ -123,13 +123,11 @@ def test_two_replicas_through_pgbouncer(pg_db: str, tmp_path: Path) -> None:
         # a tick of another instance that the stopped replica had inside its write
         # transaction is ended by the server (idle in transaction past the lease): a
         # database failure, but only one that a stall went through
-        with engine.connect() as conn:
-            database_failures = conn.execute(
-                sql_text(
-                    "SELECT started_at, finished_at FROM sync_runs"
-                    " WHERE status = 'failed' AND error_kind = 'database'"
-                )
-            ).all()
+        database_failures = rows(
+            engine,
+            "SELECT started_at, finished_at FROM sync_runs"
+            " WHERE status = 'failed' AND error_kind = 'database'",
+        )
         unexplained = [
             (start, end)
             for start, end in database_failures

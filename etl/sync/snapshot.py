@@ -404,7 +404,8 @@ class SnapshotCache:
         if self.compact:
             self._entries[instance_id] = _Entry(version, persisted, packed or snap.packed())
         else:
-            snap.persisted = persisted
+            if snap.persisted != persisted:  # a snapshot is not changed once a tick used it
+                snap = replace(snap, persisted=persisted)
             self._entries[instance_id] = _Entry(version, persisted, live=snap)
 
     def adopt(self, instance_id: int, packed: PackedSnapshot, version: int) -> None:
