@@ -538,6 +538,14 @@ def hotspots(collapsed: str, top: int = 15) -> dict[str, list[tuple[float, str]]
     }
 
 
+def new_syncer(engine: Engine, client: GreenApiClient, args: argparse.Namespace) -> Syncer:
+    """The daemon's syncer as the arguments configure it."""
+    persist = args.compact_snapshots and not args.no_persist_snapshots
+    return Syncer(
+        engine, client, compact_snapshots=args.compact_snapshots, persist_snapshots=persist
+    )
+
+
 def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
     """Run the benchmark; prints the JSON lines and returns the summary."""
     modes = ["floor"] if args.floor else (["db"] if args.no_floor else ["floor", "db"])
@@ -580,9 +588,10 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
             t0 = time.perf_counter()
             register_instances(engine, instances)
             register_s = round(time.perf_counter() - t0, 4)
-            syncer = Syncer(engine, client, compact_snapshots=args.compact_snapshots)
+            syncer = new_syncer(engine, client, args)
         common["backend"] = backend
         common["compact_snapshots"] = args.compact_snapshots
+        common["persist_snapshots"] = args.compact_snapshots and not args.no_persist_snapshots
         runner = Pass(sim, pool, instances, engine, counter)
         prepare_s = sim.prepare()
         profiler = PySpy(args.py_spy, gil=not args.py_spy_all) if args.py_spy else None
@@ -593,7 +602,7 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
                 # a syncer with nothing in memory, as a replica that has just taken the
                 # instances over (or a restarted daemon): it reads the persisted snapshots
                 # (written with --compact-snapshots; else it rebuilds them from the rows)
-                syncer = Syncer(engine, client, compact_snapshots=args.compact_snapshots)
+                syncer = new_syncer(engine, client, args)
             elif phase == "nochange":
                 prepare_s = 0.0
             for mode in modes:
@@ -783,6 +792,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the daemon's [scheduler] compact_snapshots: snapshots packed between ticks and "
         "persisted each tick",
+    )
+    p.add_argument(
+        "--no-persist-snapshots",
+        action="store_true",
+        help="experiment: with --compact-snapshots, keep the snapshots packed between ticks "
+        "but write none into instance_snapshots (what persisting costs apart from packing)",
     )
     p.add_argument(
         "--log-level",
