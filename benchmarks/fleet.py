@@ -583,6 +583,8 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
             upgrade(engine)
             if args.drop_foreign_keys:
                 common["dropped_foreign_keys"] = drop_foreign_keys(engine)
+            if args.drop_change_seq_indexes:
+                common["dropped_indexes"] = drop_change_seq_indexes(engine)
             counter = SqlCounter()
             counter.attach(engine)
             t0 = time.perf_counter()
@@ -736,10 +738,24 @@ def summarise(
     return summary
 
 
+#: the tables a first load writes a row per chat into
+CHAT_TABLES = ("chats", "chat_ephemeral_history", "chat_events", "chat_presence")
+
+
+def drop_change_seq_indexes(engine: Engine) -> list[str]:
+    """Drop the ``change_seq`` index of each chat-level table (an experiment: what keeping
+    the incremental-load cursor indexed costs a first load). Returns their names."""
+    names = [f"ix_{table}_change_seq" for table in CHAT_TABLES]
+    with engine.begin() as conn:
+        for name in names:
+            conn.execute(text(f'DROP INDEX "{name}"'))
+    return names
+
+
 def drop_foreign_keys(engine: Engine) -> list[str]:
     """Drop every foreign key of the chat-level tables (an experiment: what the per-row
     checks cost; see docs/benchmarks.md). Returns their names."""
-    tables = ("chats", "chat_ephemeral_history", "chat_events")
+    tables = CHAT_TABLES
     with engine.begin() as conn:
         names = [
             (r.table_name, r.constraint_name)
@@ -809,8 +825,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--drop-foreign-keys",
         action="store_true",
-        help="experiment: drop the foreign keys of chats, history and events after migrating "
-        "(never done by chatsync; measures what the per-row checks cost)",
+        help="experiment: drop the foreign keys of chats, history, events and presence after "
+        "migrating (never done by chatsync; measures what the per-row checks cost)",
+    )
+    p.add_argument(
+        "--drop-change-seq-indexes",
+        action="store_true",
+        help="experiment: drop the change_seq indexes of chats, history, events and presence "
+        "after migrating (never done by chatsync; measures what they cost a first load)",
     )
     p.add_argument(
         "--py-spy",

@@ -119,23 +119,33 @@ def test_fleet_floor_only() -> None:
 
 @pytest.mark.postgres
 def test_fleet_drop_foreign_keys_experiment(request: pytest.FixtureRequest) -> None:
-    """``--drop-foreign-keys`` (docs/benchmarks.md, "Cold start") drops exactly the five
-    foreign keys of the chat-level tables in the scratch database, and the sync still
-    writes what it always does; db passes report their write groups."""
+    """``--drop-foreign-keys`` and ``--drop-change-seq-indexes`` (docs/benchmarks.md, "Cold
+    start") drop exactly the seven foreign keys and the four ``change_seq`` indexes of the
+    chat-level tables in the scratch database, and the sync still writes what it always
+    does; db passes report their write groups."""
     request.getfixturevalue("pg_admin")
     from tests.conftest import PG_URL
 
     assert PG_URL
-    lines = run_fleet("--database-url", PG_URL, "--no-floor", "--drop-foreign-keys")
+    lines = run_fleet(
+        "--database-url", PG_URL, "--no-floor", "--drop-foreign-keys", "--drop-change-seq-indexes"
+    )
     check_common(lines, ["db"])
     check_db(lines, "postgresql")
-    dropped = lines[0]["dropped_foreign_keys"]
-    assert sorted(dropped) == [
+    assert sorted(lines[0]["dropped_foreign_keys"]) == [
         "fk_chat_ephemeral_history_chat",
         "fk_chat_ephemeral_history_sync_run_id_sync_runs",
         "fk_chat_events_instance_id_instances",
         "fk_chat_events_sync_run_id_sync_runs",
+        "fk_chat_presence_chat",
+        "fk_chat_presence_sync_run_id_sync_runs",
         "fk_chats_instance_id_instances",
+    ]
+    assert sorted(lines[0]["dropped_indexes"]) == [
+        "ix_chat_ephemeral_history_change_seq",
+        "ix_chat_events_change_seq",
+        "ix_chat_presence_change_seq",
+        "ix_chats_change_seq",
     ]
     for t in lines[:-1]:
         groups = t["write_groups"]

@@ -106,8 +106,7 @@ class IdStep:
         try:
             with self.engine.connect() as conn:
                 version = self.store.state_version(conn, iid)  # first: the rows are newer
-                snap = self.store.load_snapshot(conn, iid)
-                snap.identity = self.store.load_identity(conn, iid)
+                snap = self.store.load_stored(conn, iid)
         except SQLAlchemyError:
             return None  # the write finds out, and records it
         self.snapshots.keep(iid, snap, version)

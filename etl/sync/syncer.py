@@ -320,6 +320,7 @@ class Syncer:
         if (
             not self.store.reads_with_lock
             or snap is None
+            or not snap.fingerprints  # nothing stored to read back (a first load)
             or (item.decoded.unchanged and snap is not item.decoded_with)
         ):
             return None
@@ -344,8 +345,7 @@ class Syncer:
         instance, iid = item.instance, item.instance.id_instance
         snap = self.snapshots.get_current(iid, locked.version)
         if snap is None:  # new to this process, or another writer wrote since
-            snap = self.store.load_snapshot(conn, iid)
-            snap.identity = self.store.load_identity(conn, iid)
+            snap = self.store.load_stored(conn, iid)
         decoded, changes = self._decoded(item, snap, prefetch)
         outcome.chats_received = decoded.received
         outcome.chats_rejected = len(decoded.rejected)

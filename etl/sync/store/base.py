@@ -365,6 +365,15 @@ class Store:
             )
         return snap
 
+    def load_stored(self, conn: Connection, iid: int) -> Snapshot:
+        """Every stored chat of the instance as fingerprints, with its ids (``identity``).
+        An instance without chats has no ids to read: an alias belongs to a stored chat
+        (a foreign key), the id in use is a column of one; its first load skips the reads."""
+        snap = self.load_snapshot(conn, iid)
+        if snap.fingerprints:
+            snap.identity = self.load_identity(conn, iid)
+        return snap
+
     def load_rows(self, conn: Connection, iid: int, chat_ids: list[str]) -> dict[str, StoredChat]:
         """Stored rows (with the open history period's start) of the chats that may have
         changed."""
