@@ -163,15 +163,17 @@ def feed_flips(sim: Simulator, instance_id: int, stop: threading.Event) -> None:
 
     Every element also gets a new value of a field the API does not have, so that no
     element is byte-identical to the last list's: each one is parsed again, and decoding
-    a long list takes long enough for ``Staller`` to stop its owner before the write."""
+    a long list takes long enough for ``Staller`` to stop its owner before the write. The
+    value counts up: a value that alternated would make a list fetched an even number of
+    flips later (an interval of 3 s, say) identical to the last one but for one element."""
     chats = sim.chats(instance_id)
-    flip = 0
+    step = 0
     while not stop.wait(0.5):
-        flip ^= 1
-        chats[0]["ephemeralExpiration"] = 86400 if flip else 604800
+        step += 1
+        chats[0]["ephemeralExpiration"] = 86400 if step % 2 else 604800
         chats[0]["ephemeralSettingTimestamp"] = int(time.time())
         for chat in chats:
-            chat["seen"] = flip
+            chat["seen"] = step
         sim.set_chats(instance_id, chats)
 
 

@@ -98,7 +98,7 @@ def test_two_replicas_through_pgbouncer(pg_db: str, tmp_path: Path) -> None:
     ``prepare_threshold = "off"``; the owner of one of them is stalled past its lease at
     least three times, until one of its stale writes has been refused through PgBouncer too.
     (A stall that lands while the replica holds a write transaction has that transaction
-    ended by the server instead, a ``database`` failure: about one stall in four here.)"""
+    ended by the server instead, a ``database`` failure.)"""
     engine = make_engine(pg_db)
     feeding = threading.Event()
     with (
