@@ -538,11 +538,15 @@ def hotspots(collapsed: str, top: int = 15) -> dict[str, list[tuple[float, str]]
     }
 
 
+def persists(args: argparse.Namespace) -> bool:
+    """Whether the syncer writes its snapshots into ``instance_snapshots``."""
+    return bool(args.compact_snapshots and not args.no_persist_snapshots)
+
+
 def new_syncer(engine: Engine, client: GreenApiClient, args: argparse.Namespace) -> Syncer:
     """The daemon's syncer as the arguments configure it."""
-    persist = args.compact_snapshots and not args.no_persist_snapshots
     return Syncer(
-        engine, client, compact_snapshots=args.compact_snapshots, persist_snapshots=persist
+        engine, client, compact_snapshots=args.compact_snapshots, persist_snapshots=persists(args)
     )
 
 
@@ -593,7 +597,7 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
             syncer = new_syncer(engine, client, args)
         common["backend"] = backend
         common["compact_snapshots"] = args.compact_snapshots
-        common["persist_snapshots"] = args.compact_snapshots and not args.no_persist_snapshots
+        common["persist_snapshots"] = persists(args)
         runner = Pass(sim, pool, instances, engine, counter)
         prepare_s = sim.prepare()
         profiler = PySpy(args.py_spy, gil=not args.py_spy_all) if args.py_spy else None
@@ -604,7 +608,7 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
                 # a syncer with nothing in memory, as a replica that has just taken the
                 # instances over (or a restarted daemon): it reads the persisted snapshots
                 # (written with --compact-snapshots; else it rebuilds them from the rows)
-                syncer = new_syncer(engine, client, args)
+                syncer = new_syncer(syncer.engine, client, args)
             elif phase == "nochange":
                 prepare_s = 0.0
             for mode in modes:
@@ -755,7 +759,6 @@ def drop_change_seq_indexes(engine: Engine) -> list[str]:
 def drop_foreign_keys(engine: Engine) -> list[str]:
     """Drop every foreign key of the chat-level tables (an experiment: what the per-row
     checks cost; see docs/benchmarks.md). Returns their names."""
-    tables = CHAT_TABLES
     with engine.begin() as conn:
         names = [
             (r.table_name, r.constraint_name)
@@ -765,7 +768,7 @@ def drop_foreign_keys(engine: Engine) -> list[str]:
                     "WHERE constraint_type = 'FOREIGN KEY' AND table_name IN :t "
                     "ORDER BY table_name, constraint_name"
                 ).bindparams(bindparam("t", expanding=True)),
-                {"t": list(tables)},
+                {"t": list(CHAT_TABLES)},
             )
         ]
         for table, name in names:

@@ -42,6 +42,15 @@ def _fleet(sim: Simulator, engine: Engine) -> list[Instance]:
     return fleet
 
 
+def _settled(engine: Engine, fleet: list[Instance]) -> LeaseManager:
+    """A started replica alone on the fleet, two heartbeats on."""
+    manager = LeaseManager(engine, fleet)
+    manager.start()
+    manager.beat()
+    manager.beat()
+    return manager
+
+
 class Clock:
     def __init__(self) -> None:
         self.t = 1000.0
@@ -119,10 +128,7 @@ def test_a_stale_ticks_lost_lease_does_not_drop_a_newer_claim(
     instances, claimed some back, then its stale tick came back refused). Dropping the
     instance then would leave it owned in the database and scheduled nowhere."""
     fleet = _fleet(fleet_sim, engine)
-    a = LeaseManager(engine, fleet)
-    a.start()
-    a.beat()
-    a.beat()
+    a = _settled(engine, fleet)
     iid = fleet[0].id_instance
     claim = a.claim(iid)
     assert claim is not None
@@ -138,10 +144,7 @@ def test_no_tick_starts_after_a_heartbeat_that_could_not_reach_the_database(
     """The lease is still valid by the clock, but the last heartbeat failed: a tick would
     fetch a list it could not write, so none starts until a heartbeat gets through."""
     fleet = _fleet(fleet_sim, engine)
-    a = LeaseManager(engine, fleet)
-    a.start()
-    a.beat()
-    a.beat()
+    a = _settled(engine, fleet)
     iid = fleet[0].id_instance
     assert a.claim(iid) is not None
     with socket.socket() as s:  # a port nothing listens on: the database is away
