@@ -604,10 +604,16 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
         for number, phase in enumerate(plan):
             if phase in ("steady", "takeover"):
                 prepare_s = sim.step(1)
+            hand_over = None
             if phase == "takeover" and syncer is not None:
+                if args.hand_over:  # what `etl run` does when it stops or hands instances back
+                    t_hand = time.perf_counter()
+                    written = syncer.persist_held()
+                    hand_over = {"written": written, "s": round(time.perf_counter() - t_hand, 4)}
                 # a syncer with nothing in memory, as a replica that has just taken the
                 # instances over (or a restarted daemon): it reads the persisted snapshots
-                # (written with --compact-snapshots; else it rebuilds them from the rows)
+                # (written with --compact-snapshots or --hand-over; else it rebuilds them from
+                # the rows)
                 syncer = new_syncer(syncer.engine, client, args)
             elif phase == "nochange":
                 prepare_s = 0.0
@@ -638,6 +644,8 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
                     line["changes"], line["statuses"] = summarise_outcomes(outcomes)
                     # the packed snapshots this process keeps between ticks
                     line["snapshot_mb"] = round(syncer.snapshots.packed_bytes() / 2**20, 2)
+                    if hand_over is not None:
+                        line["hand_over"] = hand_over
                     failed = [o for o in outcomes if o.status == "failed"]
                     if failed:
                         line["errors"] = dict(Counter(o.error_kind for o in failed))
@@ -698,6 +706,9 @@ def summarise(
             rs = [db[t] for t in ticks]
             entry["db_wall_s"] = med([r["wall_s"] for r in rs])
             entry["db_cpu_s_process"] = med([r["cpu_s"] for r in rs])
+            handed = [r["hand_over"]["s"] for r in rs if "hand_over" in r]
+            if handed:
+                entry["hand_over_s"] = med(handed)
             entry["db_server_cpu_s"] = med([r["db_cpu_s"] for r in rs if r["db_cpu_s"] is not None])
             entry["statements"] = med([r["statements"]["total"] for r in rs])
             rows: Counter[str] = Counter()
@@ -811,6 +822,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the daemon's [scheduler] compact_snapshots: snapshots packed between ticks and "
         "persisted each tick",
+    )
+    p.add_argument(
+        "--hand-over",
+        action="store_true",
+        help="before each --takeover tick, the old syncer writes the snapshots it keeps, as "
+        "`etl run` does when it stops or hands instances back ([scheduler] "
+        "persist_on_release); timed apart as hand_over_s",
     )
     p.add_argument(
         "--no-persist-snapshots",

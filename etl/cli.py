@@ -399,6 +399,7 @@ def run_cmd(workers: int | None, http_port: int | None, no_http: bool) -> None:
         leases=leases,
         max_workers=max_workers,
         shutdown_timeout=cfg.scheduler.shutdown_timeout_seconds,
+        persist_on_release=cfg.scheduler.persist_on_release,
         metrics=metrics,
         retention=cfg.retention,
     )

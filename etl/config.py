@@ -131,6 +131,9 @@ class SchedulerSettings(_Strict):
     #: of a few hundred, for CPU each tick) and write it every tick, so that a restart or
     #: a replica taking the instance over starts from it instead of the chat rows
     compact_snapshots: bool = False
+    #: when the daemon stops or hands instances to another replica, write their snapshots
+    #: (those not written already), so that the next process to sync them starts from them
+    persist_on_release: bool = True
 
     @model_validator(mode="after")
     def _lease_outlasts_heartbeats(self) -> SchedulerSettings:

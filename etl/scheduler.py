@@ -65,12 +65,16 @@ class Daemon:
         metrics: Metrics | None = None,
         retention: RetentionSettings | None = None,
         liveness_seconds: float = 5.0,
+        persist_on_release: bool = True,
     ) -> None:
         self.syncer = syncer
         self.instances = [i for i in instances if i.enabled]
         self.by_id = {i.id_instance: i for i in self.instances}
         self.leases = leases if leases is not None else LeaseManager(syncer.engine, self.instances)
         self.shutdown_timeout = shutdown_timeout
+        #: write the snapshots of the instances this daemon lets go (it stops, or hands
+        #: them to another replica), so that whoever syncs them next starts from them
+        self.persist_on_release = persist_on_release
         self.scheduler = BackgroundScheduler(
             executors={
                 "default": ThreadPoolExecutor(max_workers=max_workers),
@@ -230,12 +234,30 @@ class Daemon:
                 replace_existing=True,
             )
 
-    def _unschedule(self, instance_ids: Sequence[int]) -> None:
-        """Stop scheduling instances this replica no longer owns, and forget them."""
+    def _unschedule(self, instance_ids: Sequence[int], *, deadline: float | None = None) -> None:
+        """Stop scheduling instances this replica no longer owns, and forget them; with a
+        ``deadline``, first leave their snapshots for their next owner (a hand-back)."""
         for iid in instance_ids:
             with contextlib.suppress(JobLookupError):
                 self.scheduler.remove_job(f"sync-{iid}")
+        if deadline is not None:
+            self._leave_snapshots(instance_ids, deadline)
+        for iid in instance_ids:
             self.syncer.release(iid)
+
+    def _leave_snapshots(self, instance_ids: Sequence[int] | None, deadline: float) -> None:
+        """Write the snapshots of instances this daemon lets go (None: all it keeps) that
+        the table does not hold, so that their next first tick, here after a restart or on
+        the replica that claims them, costs a steady one (``Syncer.persist_held``)."""
+        if not self.persist_on_release:
+            return
+        try:
+            n = self.syncer.persist_held(instance_ids, deadline=deadline)
+        except SQLAlchemyError as exc:
+            log.warning("could not write the snapshots of instances let go: %s", type(exc).__name__)
+            return
+        if n:
+            log.info("wrote %d snapshots for whoever syncs those instances next", n)
 
     def _heartbeat(self, now: datetime | None = None) -> None:
         """Renew the lease; schedule what was claimed, drop what was lost, hand back what
@@ -280,7 +302,8 @@ class Daemon:
         chosen = [iid for _, iid in sorted(candidates, reverse=True)[:n]]
         if not chosen:
             return
-        self._unschedule(chosen)
+        # one heartbeat at most for the snapshots: the lease is renewed by the next one
+        self._unschedule(chosen, deadline=time.monotonic() + self.leases.heartbeat_seconds)
         try:
             self.leases.release(chosen)
         except SQLAlchemyError as exc:
@@ -320,6 +343,7 @@ class Daemon:
     def stop(self) -> bool:
         """Stop taking work; wait (bounded) for running syncs. True if they all finished."""
         self._stop.set()
+        deadline = time.monotonic() + self.shutdown_timeout
         if not self.scheduler.running:
             return True
         self.scheduler.pause()
@@ -333,6 +357,8 @@ class Daemon:
         threading.Thread(target=_shutdown, name="scheduler-shutdown", daemon=True).start()
         finished = done.wait(self.shutdown_timeout)
         if finished:
+            # before the leases go: a replica claims an instance only once it is released
+            self._leave_snapshots(None, deadline)
             try:
                 self.leases.release_all()
             except SQLAlchemyError as exc:

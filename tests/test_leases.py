@@ -225,6 +225,49 @@ def test_a_replica_forgets_what_it_lost(
 
 
 @pg_only
+def test_instances_handed_back_come_with_their_snapshots(
+    engine: Engine, fleet_sim: Simulator, fast_client: GreenApiClient
+) -> None:
+    """A replica above its fair share hands instances back; their snapshots go into the
+    table first, so that the replica that claims them syncs them at a steady tick's cost,
+    not a rebuild from every chat row."""
+    fleet = _fleet(fleet_sim, engine)
+    syncer = Syncer(engine, fast_client)  # the default mode: no snapshot written by a tick
+    a = LeaseManager(engine, fleet)
+    daemon = Daemon(syncer=syncer, instances=fleet, leases=a)
+    a.start()
+    daemon._heartbeat()
+    daemon._heartbeat()  # alone: claims all 10
+    daemon.scheduler.start(paused=True)  # its jobs get their times, and none runs
+    try:
+        for inst in fleet:
+            claim = a.claim(inst.id_instance)
+            assert claim is not None and syncer.sync(inst, claim).status == "ok"
+        assert scalar(engine, "SELECT COUNT(*) FROM instance_snapshots") == 0
+        b = LeaseManager(engine, fleet)
+        b.start()
+        b.beat()  # alive: a's share is 5 now
+        daemon._heartbeat()  # hands 5 back
+    finally:
+        daemon.scheduler.shutdown(wait=False)
+    handed = {i.id_instance for i in fleet} - a.owned
+    assert len(handed) == 5
+    left = dict(
+        rows(
+            engine,
+            "SELECT s.instance_id, s.version = st.version FROM instance_snapshots s "
+            "JOIN instance_sync_state st USING (instance_id)",
+        )
+    )
+    assert left == dict.fromkeys(handed, True)  # each at its state's version
+    assert not any(iid in syncer.snapshots for iid in handed)  # and forgotten here
+    claimed = {h.instance_id for h in b.beat().gained}
+    gained = [i for i in fleet if i.id_instance in claimed]
+    assert {i.id_instance for i in gained} == handed
+    assert Syncer(engine, fast_client).preload(gained) == 5
+
+
+@pg_only
 def test_backoff_is_the_instances_not_the_replicas(
     engine: Engine, fleet_sim: Simulator, fast_client: GreenApiClient
 ) -> None:

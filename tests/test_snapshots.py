@@ -5,6 +5,7 @@ the sync falls back to reading the rows and is just as correct. Both databases."
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from sqlalchemy import Engine, event, text
 from etl.client import GreenApiClient
 from etl.clock import utcnow
 from etl.ids import link_ids
+from etl.scheduler import Daemon
 from etl.simulator import ChangeRates, Simulator
 from etl.sync import Syncer, register_instances
 from etl.sync.identity import Identity
@@ -224,6 +226,77 @@ def test_an_operator_link_makes_the_next_process_read_the_rows(
     assert link_ids(engine, inst.id_instance, [(chat, "999@lid")], now=utcnow()).linked == 1
     fresh = Syncer(engine, fast_client, persist_snapshots=True)
     assert fresh.preload([inst]) == 0  # stale: its version is behind the state's
+
+
+@pytest.mark.parametrize("persist_on_release", [True, False])
+def test_a_stopping_daemon_leaves_its_snapshots_for_the_next_process(
+    engine: Engine, busy_sim: Simulator, fast_client: GreenApiClient, persist_on_release: bool
+) -> None:
+    """A daemon in the default mode writes no snapshot while it runs. Stopping, it writes
+    each instance's (``persist_on_release``), so that the next process (a restart, a
+    deploy) starts from them instead of every chat row; what it wrote is what the rows
+    say."""
+    fleet = [make_instance(busy_sim, iid, interval_seconds=1) for iid in busy_sim.instance_ids]
+    register_instances(engine, fleet)
+    daemon = Daemon(
+        syncer=Syncer(engine, fast_client),
+        instances=fleet,
+        max_workers=2,
+        persist_on_release=persist_on_release,
+    )
+    synced = "SELECT COUNT(DISTINCT instance_id) FROM sync_runs WHERE status = 'ok'"
+    daemon.start()
+    try:
+        deadline = time.monotonic() + 30  # only stops a hang: a loaded machine is slow
+        while scalar(engine, synced) < len(fleet):
+            assert time.monotonic() < deadline, "timed out waiting for a sync of each"
+            time.sleep(0.05)
+        assert scalar(engine, "SELECT COUNT(*) FROM instance_snapshots") == 0
+    finally:
+        assert daemon.stop()
+    stored = scalar(engine, "SELECT COUNT(*) FROM instance_snapshots")
+    assert stored == (len(fleet) if persist_on_release else 0)
+    if not persist_on_release:
+        return
+    fresh = Syncer(engine, fast_client)  # the next process
+    assert fresh.preload(fleet) == len(fleet)  # each at its state's version
+    with engine.connect() as conn:
+        for inst in fleet:
+            kept = fresh.snapshots.get(inst.id_instance)
+            rebuilt = fresh.store.load_stored(conn, inst.id_instance)
+            assert kept is not None
+            assert (kept.fingerprints, kept.removed, kept.identity) == (
+                rebuilt.fingerprints,
+                rebuilt.removed,
+                rebuilt.identity,
+            )
+    busy_sim.step()
+    reads = Reads(engine)
+    try:
+        outs = [fresh.sync(inst) for inst in fleet]
+    finally:
+        reads.close()
+    assert all(o.status == "ok" for o in outs), outs
+    assert reads.full == [], reads.full
+    check_history_invariants(engine)
+
+
+def test_a_snapshot_left_behind_never_replaces_a_newer_one(
+    engine: Engine, busy_sim: Simulator, fast_client: GreenApiClient
+) -> None:
+    """A process that lets an instance go after another has moved it on (and written its
+    own snapshot) leaves the newer snapshot as it is; its own would be stale."""
+    inst = make_instance(busy_sim)
+    register_instances(engine, [inst])
+    old = Syncer(engine, fast_client)
+    assert old.sync(inst).status == "ok"
+    busy_sim.step()
+    assert Syncer(engine, fast_client, persist_snapshots=True).sync(inst).chats_updated > 0
+    newer = _snapshot_row(engine, inst.id_instance)
+    assert old.persist_held() == 1
+    assert _snapshot_row(engine, inst.id_instance) == newer
+    assert old.persist_held() == 0  # sent once
+    assert Syncer(engine, fast_client).preload([inst]) == 1
 
 
 def test_packed_snapshots_round_trip_and_refuse_garbage() -> None:

@@ -416,6 +416,28 @@ class SnapshotCache:
     def __contains__(self, instance_id: int) -> bool:
         return instance_id in self._entries
 
+    def ids(self) -> list[int]:
+        """The instances this process keeps a snapshot of."""
+        return list(self._entries)
+
+    def unpersisted(self, instance_id: int) -> tuple[int, PackedSnapshot] | None:
+        """The instance's snapshot packed, with its version, when ``instance_snapshots``
+        does not hold it (None: none kept, or persisted already)."""
+        entry = self._entries.get(instance_id)
+        if entry is None or entry.persisted:
+            return None
+        if entry.packed is not None:
+            return entry.version, entry.packed
+        assert entry.live is not None  # an entry holds one form or both
+        return entry.version, entry.live.packed()
+
+    def mark_persisted(self, instance_id: int, version: int) -> None:
+        """``instance_snapshots`` holds the instance's snapshot at ``version`` (unless a
+        tick has moved it on since)."""
+        entry = self._entries.get(instance_id)
+        if entry is not None and entry.version == version:
+            entry.persisted = True
+
     def settle(self, instance_id: int) -> None:
         """The tick is over: ``compact`` keeps only the packed form."""
         entry = self._entries.get(instance_id)

@@ -219,6 +219,13 @@ class Store:
             index_elements=[snapshots_t.c.instance_id],
             set_={c: snapshot.excluded[c] for c in ("version", "data", "updated_at")},
         )
+        #: a snapshot written apart from any tick (``Syncer.persist_held``): never over a
+        #: newer one
+        self.upsert_newer_snapshot = snapshot.on_conflict_do_update(
+            index_elements=[snapshots_t.c.instance_id],
+            set_={c: snapshot.excluded[c] for c in ("version", "data", "updated_at")},
+            where=snapshots_t.c.version < snapshot.excluded.version,
+        )
         self.bump_snapshot = (
             update(snapshots_t)
             .where(
@@ -423,6 +430,20 @@ class Store:
                 "updated_at": snapshot.now,
             }
             conn.execute(self.upsert_snapshot, values)
+
+    def save_snapshots(self, conn: Connection, writes: Sequence[SnapshotWrite]) -> None:
+        """Snapshots written apart from any tick, in one statement; each replaces only an
+        older one (a tick of another process may have written a newer one since)."""
+        values = [
+            {
+                "instance_id": w.instance_id,
+                "version": w.version,
+                "data": w.data,
+                "updated_at": w.now,
+            }
+            for w in writes
+        ]
+        conn.execute(self.upsert_newer_snapshot, values)
 
     def load_identity(self, conn: Connection, iid: int) -> Identity:
         """The instance's aliases, and the ids in use that are not the chats' own."""
