@@ -550,6 +550,21 @@ def new_syncer(engine: Engine, client: GreenApiClient, args: argparse.Namespace)
     )
 
 
+def take_over(
+    old: Syncer, client: GreenApiClient, args: argparse.Namespace
+) -> tuple[Syncer, dict[str, Any] | None]:
+    """A syncer with nothing in memory, as a replica that has just taken the instances over
+    (or a restarted daemon): it reads the persisted snapshots (written with
+    --compact-snapshots, or by the old syncer with --hand-over, as `etl run` does when it
+    stops or hands instances back; else it rebuilds them from the rows)."""
+    hand_over = None
+    if args.hand_over:
+        t0 = time.perf_counter()
+        written = old.persist_held()
+        hand_over = {"written": written, "s": round(time.perf_counter() - t0, 4)}
+    return new_syncer(old.engine, client, args), hand_over
+
+
 def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
     """Run the benchmark; prints the JSON lines and returns the summary."""
     modes = ["floor"] if args.floor else (["db"] if args.no_floor else ["floor", "db"])
@@ -606,15 +621,7 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
                 prepare_s = sim.step(1)
             hand_over = None
             if phase == "takeover" and syncer is not None:
-                if args.hand_over:  # what `etl run` does when it stops or hands instances back
-                    t_hand = time.perf_counter()
-                    written = syncer.persist_held()
-                    hand_over = {"written": written, "s": round(time.perf_counter() - t_hand, 4)}
-                # a syncer with nothing in memory, as a replica that has just taken the
-                # instances over (or a restarted daemon): it reads the persisted snapshots
-                # (written with --compact-snapshots or --hand-over; else it rebuilds them from
-                # the rows)
-                syncer = new_syncer(syncer.engine, client, args)
+                syncer, hand_over = take_over(syncer, client, args)
             elif phase == "nochange":
                 prepare_s = 0.0
             for mode in modes:
