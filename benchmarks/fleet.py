@@ -872,7 +872,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--py-spy-phase",
         default="steady",
-        choices=["cold", "steady", "nochange"],
+        choices=["cold", "steady", "nochange", "takeover"],
         help="which ticks --py-spy samples",
     )
     p.add_argument(
