@@ -540,6 +540,8 @@ def hotspots(collapsed: str, top: int = 15) -> dict[str, list[tuple[float, str]]
 
 def persists(args: argparse.Namespace) -> bool:
     """Whether the syncer writes its snapshots into ``instance_snapshots``."""
+    if args.persist_snapshots:
+        return True
     return bool(args.compact_snapshots and not args.no_persist_snapshots)
 
 
@@ -836,6 +838,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="before each --takeover tick, the old syncer writes the snapshots it keeps, as "
         "`etl run` does when it stops or hands instances back ([scheduler] "
         "persist_on_release); timed apart as hand_over_s",
+    )
+    p.add_argument(
+        "--persist-snapshots",
+        action="store_true",
+        help="experiment: snapshots kept as dicts (the default) but each tick writes its own "
+        "into instance_snapshots, as --compact-snapshots does (what persisting every tick "
+        "costs without unpacking)",
     )
     p.add_argument(
         "--no-persist-snapshots",
