@@ -107,24 +107,27 @@ def test_fleet_db_and_floor_side_by_side(
         assert not (tmp_path / "bench.db").exists()  # the scratch file is removed
 
 
-def test_fleet_takeover_after_a_hand_over(tmp_path: Path) -> None:
+def test_fleet_takeover_after_a_hand_over_or_persisting_ticks(tmp_path: Path) -> None:
     """``--hand-over``: the old syncer writes its snapshots before the takeover (as `etl
-    run` does when it lets instances go), and the new one reads them instead of the rows:
-    fewer statements than the same takeover without."""
+    run` does when it lets instances go); ``--persist-snapshots``: every tick writes its
+    own. Either way the new syncer reads them instead of the rows: fewer statements than
+    the same takeover with neither."""
     statements = {}
-    for hand_over in (False, True):
-        url = f"sqlite:///{tmp_path / f'bench-{hand_over}.db'}"
+    for how in ("", "--hand-over", "--persist-snapshots"):
+        url = f"sqlite:///{tmp_path / f'bench{how}.db'}"
         args = ["--no-floor", "--no-nochange", "--takeover", "1", "--database-url", url]
-        lines = run_fleet(*args, *(["--hand-over"] if hand_over else []))
+        lines = run_fleet(*args, *([how] if how else []))
         *_, takeover, summary = lines
         assert takeover["phase"] == "takeover" and takeover["statuses"] == {"ok": INSTANCES}
-        if hand_over:
+        assert takeover["persist_snapshots"] is (how == "--persist-snapshots")
+        if how == "--hand-over":
             assert takeover["hand_over"]["written"] == INSTANCES
             assert summary["takeover"]["hand_over_s"] > 0
         else:
             assert "hand_over" not in takeover
-        statements[hand_over] = takeover["statements"]["total"]
-    assert statements[True] < statements[False], statements
+        statements[how] = takeover["statements"]["total"]
+    assert statements["--hand-over"] < statements[""], statements
+    assert statements["--persist-snapshots"] < statements[""], statements
 
 
 def test_fleet_floor_only() -> None:
