@@ -6,7 +6,8 @@ settings changing back and forth, setting timestamps in the past, in the future 
 beyond the clock-skew allowance), repeated and out of order, duplicate ids (also after
 normalisation), and malformed elements. The clock advances by 0 s to an hour between ticks,
 and the process is sometimes "restarted" (a fresh ``Syncer``, so no cached state: it starts
-from the persisted snapshot, or from the rows when that snapshot is gone or unreadable).
+from the persisted snapshot, written every tick with ``compact_snapshots`` or by the old
+process as it stopped, or from the rows when that snapshot is gone, stale or unreadable).
 
 After every tick, against a model of the documented semantics:
 
@@ -139,6 +140,9 @@ class Step:
     #: at a restart, what happened to the persisted snapshot meanwhile: nothing (the new
     #: process starts from it), or it is gone, or unreadable (the rows must be read)
     damage: str | None = None
+    #: at a restart, the old process stopped cleanly: it wrote the snapshots it kept and
+    #: had not written (``persist_on_release``), before any damage
+    graceful: bool = False
 
 
 @st.composite
@@ -160,6 +164,7 @@ STEPS = st.lists(
         advance=st.sampled_from([0, 1, 60, 3600]),
         restart=st.sampled_from([False, False, False, True]),
         damage=st.sampled_from([None, None, "missing", "corrupt"]),
+        graceful=st.booleans(),
     ),
     min_size=1,
     max_size=8,
@@ -366,12 +371,15 @@ def test_random_snapshot_sequences_keep_every_invariant(
     register_instances(engine, [inst])
     model = Model(threshold=0.5, confirmations=confirmations, complete_lists=complete_lists)
     clock, client = Clock(), StubClient()
-    # compact: snapshots packed and persisted each tick, damaged at the restarts
+    # compact: snapshots packed and persisted each tick; else written only by a graceful
+    # stop; either damaged at the restarts
     syncer = Syncer(engine, client, clock=clock, compact_snapshots=compact)  # type: ignore[arg-type]
     history_before: dict[int, Any] = {}
     for n, step in enumerate(steps):
         clock.now += timedelta(seconds=step.advance)
         if step.restart:
+            if step.graceful:
+                syncer.persist_held()
             _damage_snapshot(engine, iid, step.damage)
             syncer = Syncer(engine, client, clock=clock, compact_snapshots=compact)  # type: ignore[arg-type]
         client.body = _render(step.elements, clock.now)
