@@ -32,9 +32,8 @@ import logging
 import struct
 import threading
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
@@ -117,20 +116,19 @@ class Snapshot:
     #: nothing in it)
     source: PackedSnapshot | None = None
 
-    def add_stored(
-        self,
-        chat_id: str,
-        chat_type: str,
-        name: str,
-        archived: bool,
-        expiration: int,
-        setting_at: datetime | None,
-        removed_at: datetime | None,
-    ) -> None:
-        """One stored ``chats`` row, as a snapshot rebuilt from the table sees it."""
-        self.fingerprints[chat_id] = fingerprint(chat_type, name, archived, expiration, setting_at)
-        if removed_at is not None:
-            self.removed.add(chat_id)
+    @classmethod
+    def from_rows(cls, rows: Iterable[Sequence[Any]]) -> Snapshot:
+        """A snapshot rebuilt from the table: each row is a stored chat's (chat id, type,
+        name, archived, expiration, setting time, removal time), in ``STORED_CHAT``'s
+        order. One loop with the rows unpacked in place: a takeover rebuilds 500 an
+        instance, and attribute access and a call per row were a third of that."""
+        snap = cls()
+        fingerprints, removed = snap.fingerprints, snap.removed
+        for chat_id, chat_type, name, archived, expiration, setting_at, removed_at in rows:
+            fingerprints[chat_id] = fingerprint(chat_type, name, archived, expiration, setting_at)
+            if removed_at is not None:
+                removed.add(chat_id)
+        return snap
 
     def known_for(self, platform: str) -> tuple[dict[int, str] | None, int]:
         """The element hashes and body hash a decode of ``platform`` may skip against."""

@@ -359,18 +359,9 @@ class Store:
 
     def load_snapshot(self, conn: Connection, iid: int) -> Snapshot:
         """Every stored chat of the instance, as fingerprints."""
-        snap = Snapshot()
-        for r in conn.execute(select(*STORED_CHAT).where(chats_t.c.instance_id == iid)):
-            snap.add_stored(
-                r.chat_id,
-                r.chat_type,
-                r.name,
-                r.archived,
-                r.ephemeral_expiration,
-                r.ephemeral_setting_at,
-                r.removed_at,
-            )
-        return snap
+        return Snapshot.from_rows(
+            conn.execute(select(*STORED_CHAT).where(chats_t.c.instance_id == iid))
+        )
 
     def load_stored(self, conn: Connection, iid: int) -> Snapshot:
         """Every stored chat of the instance as fingerprints, with its ids (``identity``).
