@@ -215,13 +215,10 @@ class Store:
         )
         self.insert_run = insert(runs_t).returning(runs_t.c.id)
         snapshot = self.insert(snapshots_t)
+        #: never over a newer one: a tick's is always the newest (its version was just
+        #: bumped under the lock), one written apart from a tick (``Syncer.persist_held``)
+        #: may not be
         self.upsert_snapshot = snapshot.on_conflict_do_update(
-            index_elements=[snapshots_t.c.instance_id],
-            set_={c: snapshot.excluded[c] for c in ("version", "data", "updated_at")},
-        )
-        #: a snapshot written apart from any tick (``Syncer.persist_held``): never over a
-        #: newer one
-        self.upsert_newer_snapshot = snapshot.on_conflict_do_update(
             index_elements=[snapshots_t.c.instance_id],
             set_={c: snapshot.excluded[c] for c in ("version", "data", "updated_at")},
             where=snapshots_t.c.version < snapshot.excluded.version,
@@ -414,17 +411,12 @@ class Store:
             params = {"iid": snapshot.instance_id, "version": snapshot.version}
             conn.execute(self.bump_snapshot, params)
         else:
-            values = {
-                "instance_id": snapshot.instance_id,
-                "version": snapshot.version,
-                "data": snapshot.data,
-                "updated_at": snapshot.now,
-            }
-            conn.execute(self.upsert_snapshot, values)
+            self.save_snapshots(conn, [snapshot])
 
     def save_snapshots(self, conn: Connection, writes: Sequence[SnapshotWrite]) -> None:
-        """Snapshots written apart from any tick, in one statement; each replaces only an
-        older one (a tick of another process may have written a newer one since)."""
+        """Snapshots with their data, in one statement; each replaces only an older one
+        (written apart from a tick, a tick of another process may have written a newer
+        one since)."""
         values = [
             {
                 "instance_id": w.instance_id,
@@ -434,7 +426,7 @@ class Store:
             }
             for w in writes
         ]
-        conn.execute(self.upsert_newer_snapshot, values)
+        conn.execute(self.upsert_snapshot, values)
 
     def load_identity(self, conn: Connection, iid: int) -> Identity:
         """The instance's aliases, and the ids in use that are not the chats' own."""
