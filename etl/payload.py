@@ -400,9 +400,18 @@ def decode_chats(
     check_platform(decoded, platform, body)
     if _TELEGRAM_MARK in decoded.notes:
         del decoded.notes[_TELEGRAM_MARK]
-    if whole and not decoded.rejected and not decoded.notes:
+    if whole and not decoded.rejected and not decoded.notes and _split_whole(decoded):
         decoded = replace(decoded, body_hash=whole)
     return decoded
+
+
+def _split_whole(decoded: DecodedChats) -> bool:
+    """Whether every chat of ``decoded`` has its element's hash in ``raw_hashes``: the same
+    body again may then be answered from them without being split. A body that could not
+    be split (a string holding ``},{``, say) was parsed whole and has none: the same body
+    again must be parsed again, not taken for an empty list."""
+    hashes = decoded.raw_hashes or {}
+    return len(hashes) == len(decoded.chats) + len(decoded.unchanged)
 
 
 def _decode(

@@ -785,3 +785,25 @@ def test_another_messengers_list_fails_naming_the_one_it_looks_like(
 def test_a_list_of_unreadable_elements_is_not_a_platform_mismatch() -> None:
     out = decode([{"x": 1}, {"id": None}])
     assert out.chats == [] and len(out.rejected) == 2
+
+
+@pytest.mark.parametrize("name", ["},{", 'a "},{" b', "plain"])
+def test_the_same_body_again_decodes_to_the_same_chats_even_when_it_could_not_be_split(
+    name: str,
+) -> None:
+    """A body whose elements cannot be cut apart on their own (a name holding ``},{``) is
+    parsed whole, without element hashes; the same body again must not be answered from
+    those (none) as an empty list: it once made an unchanged list an empty-response
+    anomaly until the list changed."""
+    body = json.dumps(
+        [chat("1@c.us", name=name), chat("2@c.us"), chat("3@c.us")], separators=(",", ":")
+    ).encode()
+    first = decode_chats(body, track=True)
+    assert [c.chat_id for c in first.chats] == ["1@c.us", "2@c.us", "3@c.us"]
+    again = decode_chats(body, known=first.raw_hashes, known_body=first.body_hash, track=True)
+    assert sorted([c.chat_id for c in again.chats] + again.unchanged) == [
+        "1@c.us",
+        "2@c.us",
+        "3@c.us",
+    ]
+    assert again.received == 3
