@@ -78,7 +78,7 @@ from sqlalchemy.engine import make_url  # noqa: E402
 
 import etl.sync.store  # noqa: E402
 from etl.client import GreenApiClient  # noqa: E402
-from etl.config import Instance  # noqa: E402
+from etl.config import Instance, SchedulerSettings  # noqa: E402
 from etl.db import make_engine, normalise_url, upgrade  # noqa: E402
 from etl.payload import decode_chats  # noqa: E402
 from etl.redact import register_secret  # noqa: E402
@@ -548,7 +548,11 @@ def persists(args: argparse.Namespace) -> bool:
 def new_syncer(engine: Engine, client: GreenApiClient, args: argparse.Namespace) -> Syncer:
     """The daemon's syncer as the arguments configure it."""
     return Syncer(
-        engine, client, compact_snapshots=args.compact_snapshots, persist_snapshots=persists(args)
+        engine,
+        client,
+        compact_snapshots=args.compact_snapshots,
+        persist_snapshots=persists(args),
+        persist_every=args.persist_every,
     )
 
 
@@ -558,7 +562,8 @@ def take_over(
     """A syncer with nothing in memory, as a replica that has just taken the instances over
     (or a restarted daemon): it reads the persisted snapshots (written with
     --compact-snapshots, or by the old syncer with --hand-over, as `etl run` does when it
-    stops or hands instances back; else it rebuilds them from the rows)."""
+    stops or hands instances back; else every --persist-every ticks, some ticks old, and
+    topped up from the rows written since; without any, it rebuilds them from the rows)."""
     hand_over = None
     if args.hand_over:
         t0 = time.perf_counter()
@@ -615,6 +620,7 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
         common["backend"] = backend
         common["compact_snapshots"] = args.compact_snapshots
         common["persist_snapshots"] = persists(args)
+        common["persist_every"] = args.persist_every
         runner = Pass(sim, pool, instances, engine, counter)
         prepare_s = sim.prepare()
         profiler = PySpy(args.py_spy, gil=not args.py_spy_all) if args.py_spy else None
@@ -845,6 +851,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="experiment: snapshots kept as dicts (the default) but each tick writes its own "
         "into instance_snapshots, as --compact-snapshots does (what persisting every tick "
         "costs without unpacking)",
+    )
+    p.add_argument(
+        "--persist-every",
+        type=int,
+        default=SchedulerSettings().persist_every_ticks,
+        help="the daemon's [scheduler] persist_every_ticks: without --compact-snapshots, each "
+        "instance's snapshot is written every this many ticks (and at its first load); 0: "
+        "never (as before that setting)",
     )
     p.add_argument(
         "--no-persist-snapshots",

@@ -394,7 +394,12 @@ def run_cmd(workers: int | None, http_port: int | None, no_http: bool) -> None:
         lease_seconds=cfg.scheduler.lease_seconds,
     )
     daemon = Daemon(
-        syncer=Syncer(engine, client, compact_snapshots=cfg.scheduler.compact_snapshots),
+        syncer=Syncer(
+            engine,
+            client,
+            compact_snapshots=cfg.scheduler.compact_snapshots,
+            persist_every=cfg.scheduler.persist_every_ticks,
+        ),
         instances=instances,
         leases=leases,
         max_workers=max_workers,

@@ -131,6 +131,10 @@ class SchedulerSettings(_Strict):
     #: of a few hundred, for CPU each tick) and write it every tick, so that a restart or
     #: a replica taking the instance over starts from it instead of the chat rows
     compact_snapshots: bool = False
+    #: otherwise, every this many ticks each instance's snapshot is written (the instances
+    #: take turns); a process that reads one some ticks old tops it up from the rows
+    #: written since instead of reading every chat row (a replica that died, say); 0: never
+    persist_every_ticks: Annotated[int, Field(ge=0, le=10_000)] = 10
     #: when the daemon stops or hands instances to another replica, write their snapshots
     #: (those not written already), so that the next process to sync them starts from them
     persist_on_release: bool = True

@@ -114,7 +114,10 @@ def link_ids(
                     }
                 )
         if rows:
-            conn.execute(store.upsert_aliases, rows)
+            # numbered like a tick's rows: incremental loads, and a stale snapshot's
+            # top-up (``Snapshot.topped_up``), find what changed by ``change_seq``
+            seq = store.change_seq(conn)
+            conn.execute(store.upsert_aliases.values(change_seq=seq), rows)
         report.linked = len(rows)
     return report
 

@@ -339,8 +339,9 @@ class InstanceSyncState(Base):
 
 class InstanceSnapshot(Base):
     """What the sync knows of an instance's stored chats, packed (``etl.sync.snapshot``),
-    written in each tick's transaction: a new process reads it instead of every chat row.
-    Valid while ``version`` is the state's; an optimisation only."""
+    written by ticks: a new process reads it instead of every chat row. Used as it is
+    while ``version`` is the state's, topped up from the rows at or above
+    ``change_seq_floor`` once it is behind; an optimisation only."""
 
     __tablename__ = "instance_snapshots"
 
@@ -351,6 +352,10 @@ class InstanceSnapshot(Base):
     version: Mapped[int] = mapped_column(BigInteger)
     data: Mapped[bytes] = mapped_column(LargeBinary)
     updated_at: Mapped[datetime]
+    #: every chat and alias row written after ``version`` has a ``change_seq`` at least
+    #: this (the ``load_watermark`` seen by the tick that wrote ``version``), so a stale
+    #: snapshot is topped up from those rows alone; NULL: usable only while current
+    change_seq_floor: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Replica(Base):

@@ -110,24 +110,27 @@ def test_fleet_db_and_floor_side_by_side(
 def test_fleet_takeover_after_a_hand_over_or_persisting_ticks(tmp_path: Path) -> None:
     """``--hand-over``: the old syncer writes its snapshots before the takeover (as `etl
     run` does when it lets instances go); ``--persist-snapshots``: every tick writes its
-    own. Either way the new syncer reads them instead of the rows: fewer statements than
-    the same takeover with neither."""
+    own; by default (``--persist-every`` 10) the first load and every tenth tick do, and
+    the new syncer tops them up from the rows written since. Any of these ways, the new
+    syncer reads them instead of every row: fewer statements than the same takeover
+    with none (``--persist-every 0``)."""
     statements = {}
-    for how in ("", "--hand-over", "--persist-snapshots"):
+    for how in ("--persist-every=0", "", "--hand-over", "--persist-snapshots"):
         url = f"sqlite:///{tmp_path / f'bench{how}.db'}"
         args = ["--no-floor", "--no-nochange", "--takeover", "1", "--database-url", url]
         lines = run_fleet(*args, *([how] if how else []))
         *_, takeover, summary = lines
         assert takeover["phase"] == "takeover" and takeover["statuses"] == {"ok": INSTANCES}
         assert takeover["persist_snapshots"] is (how == "--persist-snapshots")
+        assert takeover["persist_every"] == (0 if how == "--persist-every=0" else 10)
         if how == "--hand-over":
             assert takeover["hand_over"]["written"] == INSTANCES
             assert summary["takeover"]["hand_over_s"] > 0
         else:
             assert "hand_over" not in takeover
         statements[how] = takeover["statements"]["total"]
-    assert statements["--hand-over"] < statements[""], statements
-    assert statements["--persist-snapshots"] < statements[""], statements
+    for how in ("", "--hand-over", "--persist-snapshots"):
+        assert statements[how] < statements["--persist-every=0"], statements
 
 
 def test_fleet_floor_only() -> None:

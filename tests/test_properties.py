@@ -6,8 +6,9 @@ settings changing back and forth, setting timestamps in the past, in the future 
 beyond the clock-skew allowance), repeated and out of order, duplicate ids (also after
 normalisation), and malformed elements. The clock advances by 0 s to an hour between ticks,
 and the process is sometimes "restarted" (a fresh ``Syncer``, so no cached state: it starts
-from the persisted snapshot, written every tick with ``compact_snapshots`` or by the old
-process as it stopped, or from the rows when that snapshot is gone, stale or unreadable).
+from the persisted snapshot, written every tick with ``compact_snapshots``, every few ticks
+(``persist_every``: a stale one is topped up from the rows written since) or by the old
+process as it stopped, or from the rows when that snapshot is gone or unreadable).
 
 After every tick, against a model of the documented semantics:
 
@@ -356,9 +357,15 @@ PROFILE = settings(
     complete_lists=st.sampled_from([True, True, False]),
     confirmations=st.sampled_from([1, 2, 3]),
     compact=st.booleans(),
+    persist_every=st.sampled_from([2, 3]),
 )
 def test_random_snapshot_sequences_keep_every_invariant(
-    engine: Engine, steps: list[Step], complete_lists: bool, confirmations: int, compact: bool
+    engine: Engine,
+    steps: list[Step],
+    complete_lists: bool,
+    confirmations: int,
+    compact: bool,
+    persist_every: int,
 ) -> None:
     iid = next(_ids)
     inst = make_instance(
@@ -371,9 +378,10 @@ def test_random_snapshot_sequences_keep_every_invariant(
     register_instances(engine, [inst])
     model = Model(threshold=0.5, confirmations=confirmations, complete_lists=complete_lists)
     clock, client = Clock(), StubClient()
-    # compact: snapshots packed and persisted each tick; else written only by a graceful
-    # stop; either damaged at the restarts
-    syncer = Syncer(engine, client, clock=clock, compact_snapshots=compact)  # type: ignore[arg-type]
+    # compact: snapshots packed and persisted each tick; else written every few ticks
+    # (persist_every) and by a graceful stop; either damaged at the restarts
+    kinds = {"compact_snapshots": compact, "persist_every": persist_every}
+    syncer = Syncer(engine, client, clock=clock, **kinds)  # type: ignore[arg-type]
     history_before: dict[int, Any] = {}
     for n, step in enumerate(steps):
         clock.now += timedelta(seconds=step.advance)
@@ -381,7 +389,7 @@ def test_random_snapshot_sequences_keep_every_invariant(
             if step.graceful:
                 syncer.persist_held()
             _damage_snapshot(engine, iid, step.damage)
-            syncer = Syncer(engine, client, clock=clock, compact_snapshots=compact)  # type: ignore[arg-type]
+            syncer = Syncer(engine, client, clock=clock, **kinds)  # type: ignore[arg-type]
         client.body = _render(step.elements, clock.now)
         expected = model.apply(client.body, clock.now)
         out = syncer.sync(inst)

@@ -17,8 +17,9 @@ from etl.ids import link_ids
 from etl.scheduler import Daemon
 from etl.simulator import ChangeRates, Simulator
 from etl.sync import Syncer, register_instances
+from etl.sync.fingerprints import fingerprint
 from etl.sync.identity import Identity
-from etl.sync.snapshot import PackedSnapshot, SnapshotCache
+from etl.sync.snapshot import PackedSnapshot, Snapshot, SnapshotCache
 from tests.conftest import make_instance
 from tests.factories import check_history_invariants, rows, scalar
 from tests.replicas import wait_for
@@ -38,6 +39,8 @@ class Reads:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.full: list[str] = []
+        #: reads of the rows written since a stale snapshot's floor (a top-up)
+        self.since: list[str] = []
         event.listen(engine, "before_cursor_execute", self._seen)
 
     def _seen(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
@@ -47,6 +50,8 @@ class Reads:
         some = "chat_id in" in flat or "any(" in flat
         if "from chats" in flat and by_instance and not some:
             self.full.append(flat[:80])
+        if "from chats" in flat and "change_seq >=" in flat:
+            self.since.append(flat[:80])
 
     def close(self) -> None:
         event.remove(self.engine, "before_cursor_execute", self._seen)
@@ -127,13 +132,25 @@ def test_the_daemon_keeps_snapshots_as_dicts_or_packed_and_persists_only_packed_
     check_history_invariants(engine)
 
 
-@pytest.mark.parametrize("damage", ["missing", "stale", "corrupt", "other-decoder"])
+#: damage after which the rows are read: every chat row, or those written since the floor
+READS_AFTER = {
+    "missing": "full",
+    "stale": "since",
+    "stale-without-floor": "full",
+    "corrupt": "full",
+    "other-decoder": "since",
+}
+
+
+@pytest.mark.parametrize("damage", list(READS_AFTER))
 def test_a_snapshot_that_cannot_be_used_falls_back_to_the_rows(
     engine: Engine, busy_sim: Simulator, fast_client: GreenApiClient, damage: str
 ) -> None:
     """Two instances get the same lists: one synced by a single syncer all along (the
     reference), the other by a new syncer every tick whose persisted snapshot has been
-    damaged first. The stored chats and history end the same."""
+    damaged first. The stored chats and history end the same. A stale snapshot with a
+    floor is topped up from the rows written since (a stale one from before revision
+    0011 has none: every row is read)."""
     ref_id, test_id = busy_sim.instance_ids
     ref, inst = make_instance(busy_sim, ref_id), make_instance(busy_sim, test_id)
     register_instances(engine, [ref, inst])
@@ -141,7 +158,7 @@ def test_a_snapshot_that_cannot_be_used_falls_back_to_the_rows(
     for step in range(5):
         listed = busy_sim.chats(ref_id)
         before = None
-        if step and damage == "stale":
+        if step and damage.startswith("stale"):
             # another writer syncs a renamed list and leaves the snapshot as it was, as a
             # writer that knows nothing of snapshots would: the state's version moves on
             before = _snapshot_row(engine, test_id)
@@ -158,8 +175,11 @@ def test_a_snapshot_that_cannot_be_used_falls_back_to_the_rows(
         finally:
             reads.close()
         assert out.status == "ok", out
-        if step:
+        if step and READS_AFTER[damage] == "full":
             assert reads.full, "the damaged snapshot was used instead of the rows"
+        elif step:
+            assert reads.full == [], "a stale snapshot was not topped up"
+            assert reads.since, "a stale snapshot was used without the rows written since"
         assert _state(engine, test_id) == _state(engine, ref_id)
         assert _history(engine, test_id) == _history(engine, ref_id)
         busy_sim.step()
@@ -179,13 +199,21 @@ def _damage(engine: Engine, iid: int, how: str, before: Any = None) -> None:
     with engine.begin() as conn:
         if how == "missing":
             conn.execute(text("DELETE FROM instance_snapshots WHERE instance_id = :i"), {"i": iid})
-        elif how == "stale":  # another writer moved the instance on without its snapshot
+        elif how.startswith("stale"):  # another writer moved the instance on without it
             conn.execute(
                 text(
                     "UPDATE instance_snapshots SET data = :d, version = :v WHERE instance_id = :i"
                 ),
                 {"d": before[0], "v": before[1], "i": iid},
             )
+            if how == "stale-without-floor":  # as written before revision 0011
+                conn.execute(
+                    text(
+                        "UPDATE instance_snapshots SET change_seq_floor = NULL "
+                        "WHERE instance_id = :i"
+                    ),
+                    {"i": iid},
+                )
         elif how == "corrupt":
             data = conn.execute(
                 text("SELECT data FROM instance_snapshots WHERE instance_id = :i"), {"i": iid}
@@ -201,8 +229,9 @@ def _damage(engine: Engine, iid: int, how: str, before: Any = None) -> None:
             ).scalar_one()
             packed = PackedSnapshot.from_bytes(bytes(data))
             packed.tag = "whatsapp/0"
-            # the element hashes say nothing for this decoder; the fingerprints still hold,
-            # so no rows are read: the elements are all parsed again instead
+            # the element hashes say nothing for this decoder; the fingerprints still hold
+            # (the version moved on, but no row was written since): the elements are all
+            # parsed again
             conn.execute(
                 text("UPDATE instance_snapshots SET data = :d WHERE instance_id = :i"),
                 {"d": packed.to_bytes(), "i": iid},
@@ -213,19 +242,29 @@ def _damage(engine: Engine, iid: int, how: str, before: Any = None) -> None:
             )
 
 
-def test_an_operator_link_makes_the_next_process_read_the_rows(
-    engine: Engine, busy_sim: Simulator, fast_client: GreenApiClient
+@pytest.mark.parametrize("floor", [True, False])
+def test_an_operator_link_reaches_the_next_process(
+    engine: Engine, busy_sim: Simulator, fast_client: GreenApiClient, floor: bool
 ) -> None:
     """``etl ids link`` bumps the state version without rewriting the snapshot: a process
-    started afterwards must not trust the snapshot (it knows nothing of the new alias)."""
+    started afterwards must not trust the snapshot as it is (it knows nothing of the new
+    alias). With a floor it tops it up with the alias (numbered like a tick's rows);
+    without one (from before revision 0011) it does not use it."""
     inst = make_instance(busy_sim)
     register_instances(engine, [inst])
     assert Syncer(engine, fast_client, persist_snapshots=True).sync(inst).status == "ok"
+    if not floor:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE instance_snapshots SET change_seq_floor = NULL"))
     chat = busy_sim.chats(inst.id_instance)[0]["id"]
     assert isinstance(chat, str)
     assert link_ids(engine, inst.id_instance, [(chat, "999@lid")], now=utcnow()).linked == 1
     fresh = Syncer(engine, fast_client, persist_snapshots=True)
-    assert fresh.preload([inst]) == 0  # stale: its version is behind the state's
+    assert fresh.preload([inst]) == (1 if floor else 0)
+    if floor:
+        kept = fresh.snapshots.get(inst.id_instance)
+        assert kept is not None and kept.identity.aliases == {"999@lid": chat}
+        assert kept.version == scalar(engine, "SELECT version FROM instance_sync_state")
 
 
 @pytest.mark.parametrize("persist_on_release", [True, False])
@@ -325,3 +364,95 @@ def test_packed_snapshots_round_trip_and_refuse_garbage() -> None:
     assert cache.get_current(1, 4) is cache.get(1)  # unpacked once per tick
     cache.settle(1)
     assert cache.get(1) is not None
+
+
+def test_snapshots_some_ticks_old_are_topped_up_from_the_rows_written_since(
+    engine: Engine, busy_sim: Simulator, fast_client: GreenApiClient
+) -> None:
+    """A daemon in the default mode writes each instance's snapshot every few ticks
+    (``persist_every``), and dies without writing the rest. The process that takes its
+    instances over reads those snapshots, some ticks old, and only the rows written since
+    (renames, removals, new chats, an id switch to @lid); what it starts from is what a
+    rebuild from every row gives, and it syncs on from there without reading every row."""
+    fleet = [make_instance(busy_sim, iid) for iid in busy_sim.instance_ids]
+    register_instances(engine, fleet)
+    dying = Syncer(engine, fast_client, persist_every=3)
+    for tick in range(7):
+        if tick == 4:
+            busy_sim.set_lid_mode(fleet[0].id_instance)
+        for inst in fleet:
+            assert dying.sync(inst).status == "ok"
+        busy_sim.step()
+    behind = scalar(
+        engine,
+        "SELECT COUNT(*) FROM instance_snapshots s JOIN instance_sync_state t "
+        "ON t.instance_id = s.instance_id WHERE s.version < t.version",
+    )
+    assert scalar(engine, "SELECT COUNT(*) FROM instance_snapshots") == len(fleet)
+    assert behind >= 1  # one tick in 3 persists, the instances in turn: one at least
+    assert scalar(engine, "SELECT COUNT(*) FROM chat_aliases") > 0  # the switch happened
+
+    reads = Reads(engine)
+    try:
+        heir = Syncer(engine, fast_client)  # a new process: nothing cached, nothing handed
+        assert heir.preload(fleet) == len(fleet)
+        assert reads.full == [] and reads.since
+        store = heir.store
+        for inst in fleet:
+            kept = heir.snapshots.get(inst.id_instance)
+            with engine.connect() as conn:
+                rebuilt = store.load_stored(conn, inst.id_instance)
+                version = store.state_version(conn, inst.id_instance)
+            assert kept is not None and kept.version == version
+            assert kept.fingerprints == rebuilt.fingerprints
+            assert kept.removed == rebuilt.removed
+            assert kept.identity == rebuilt.identity
+        reads.full.clear()
+        for _ in range(2):
+            for inst in fleet:
+                out = heir.sync(inst)
+                assert out.status == "ok", out
+            busy_sim.step()
+        assert reads.full == []
+    finally:
+        reads.close()
+    check_history_invariants(engine)
+
+
+def test_a_top_up_applies_every_row_and_forgets_the_elements_of_the_chats_they_name() -> None:
+    """Pure logic of ``Snapshot.topped_up``: each chat row written since replaces the
+    chat's fingerprint, removal and id in use; each alias row is added; an element of the
+    last list is no longer skipped as unchanged once a row names its chat (under its own
+    id or an alias, before or after), and the whole body's hash is forgotten."""
+    now = utcnow()
+    snap = Snapshot(
+        version=3,
+        fingerprints={"a": 1, "b": 2, "c": 3, "e": 5},
+        removed={"c"},
+        raw={11: "a", 12: "b", 13: "x@lid", 14: "c", 15: "e", 16: "z@lid"},
+        body_hash=99,
+        tag="whatsapp/1",
+        identity=Identity({"x@lid": "b", "z@lid": "e"}, {"b": "x@lid"}),
+    )
+    rows = [
+        ("a", "user", "Ann", False, 0, None, None, None),  # renamed
+        ("b", "user", "Bob", False, 0, None, None, None),  # back to its own id
+        ("c", "user", "Cy", False, 86400, now, None, "w@lid"),  # back, with a new id
+        ("d", "group", "D", True, 0, None, now, None),  # new, and removed already
+    ]
+    out = snap.topped_up(5, rows, [("w@lid", "c"), ("y@lid", "a")])
+    assert out.version == 5 and out.body_hash == 0 and out.tag == snap.tag
+    assert out.fingerprints == {
+        "a": fingerprint("user", "Ann", False, 0, None),
+        "b": fingerprint("user", "Bob", False, 0, None),
+        "c": fingerprint("user", "Cy", False, 86400, now),
+        "d": fingerprint("group", "D", True, 0, None),
+        "e": 5,
+    }
+    assert out.removed == {"d"}
+    assert out.identity == Identity(
+        {"x@lid": "b", "z@lid": "e", "w@lid": "c", "y@lid": "a"}, {"c": "w@lid"}
+    )
+    assert out.raw == {15: "e", 16: "z@lid"}  # only the chat no row names
+    assert (snap.fingerprints["a"], snap.removed, snap.raw[11]) == (1, {"c"}, "a")  # unchanged
+    assert snap.topped_up(4, [], []).raw == snap.raw  # nothing written since: all kept

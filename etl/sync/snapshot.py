@@ -21,8 +21,11 @@ Three forms:
   ``instance_snapshots`` with the version it describes (by ``etl sync --once``, and by
   the daemon with ``compact_snapshots``), so that a new process (the next ``etl sync
   --once``, a restart, a replica taking instances over) reads one value per instance
-  instead of every chat row. A missing, stale (another version) or unreadable one is
-  ignored: the snapshot is then rebuilt from the rows, as before.
+  instead of every chat row. A stale one (behind the state's version: written some ticks
+  ago, or by a replica that died since) is topped up from the rows written after it,
+  which its ``change_seq_floor`` bounds (``Snapshot.topped_up``). A missing or unreadable
+  one, or a stale one without a floor, is ignored: the snapshot is then rebuilt from the
+  rows, as before.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from etl.config import Instance
@@ -129,6 +132,54 @@ class Snapshot:
             if removed_at is not None:
                 removed.add(chat_id)
         return snap
+
+    def topped_up(
+        self,
+        version: int,
+        rows: Iterable[Sequence[Any]],
+        aliases: Iterable[Sequence[Any]],
+    ) -> Snapshot:
+        """This (stale) snapshot brought to ``version`` by the rows written since it was
+        made: each chat row as ``STORED_CHAT`` with ``current_chat_id`` after it, each
+        alias row as (alias id, chat id). Rows written before are harmless (a row's
+        current values are always right to apply), but every row written since must be
+        among them (``change_seq_floor``).
+
+        The elements of the last list that this snapshot would skip as unchanged are
+        forgotten for every chat a row names: the row may have been written by a list
+        this process never saw, so an element identical to an older one may no longer
+        describe it. The whole body's hash is forgotten too."""
+        fingerprints, removed = dict(self.fingerprints), set(self.removed)
+        aliases_of, current = dict(self.identity.aliases), dict(self.identity.current)
+        touched: set[str] = set()
+        for chat_id, chat_type, name, archived, expiration, setting_at, gone, in_use in rows:
+            fingerprints[chat_id] = fingerprint(chat_type, name, archived, expiration, setting_at)
+            if gone is None:
+                removed.discard(chat_id)
+            else:
+                removed.add(chat_id)
+            touched.add(chat_id)
+            if in_use is None:
+                current.pop(chat_id, None)
+            else:
+                current[chat_id] = in_use
+        for alias_id, chat_id in aliases:
+            aliases_of[alias_id] = chat_id
+            touched.update((alias_id, chat_id))
+        before = self.identity.aliases
+
+        def kept(api_id: str) -> bool:
+            return not {api_id, aliases_of.get(api_id), before.get(api_id)} & touched
+
+        return Snapshot(
+            version=version,
+            fingerprints=fingerprints,
+            removed=removed,
+            raw={h: api_id for h, api_id in self.raw.items() if kept(api_id)},
+            body_hash=0,
+            tag=self.tag,
+            identity=Identity(aliases_of, current),
+        )
 
     def known_for(self, platform: str) -> tuple[dict[int, str] | None, int]:
         """The element hashes and body hash a decode of ``platform`` may skip against."""
@@ -349,6 +400,11 @@ class _Entry:
     packed: PackedSnapshot | None = None
     #: the unpacked form: the running tick's (``compact``), or kept between ticks
     live: Snapshot | None = None
+    #: the ``change_seq_floor`` to persist it with (None: unknown)
+    floor: int | None = None
+    #: ``instance_snapshots`` holds a snapshot of the instance with a floor, this one or
+    #: an older one: a process that reads it tops it up instead of reading every row
+    based: bool = False
 
 
 class SnapshotCache:
@@ -383,10 +439,18 @@ class SnapshotCache:
             return None
         return self.get(instance_id)
 
-    def keep(self, instance_id: int, snap: Snapshot, version: int) -> None:
+    def keep(
+        self, instance_id: int, snap: Snapshot, version: int, floor: int | None = None
+    ) -> None:
         """A snapshot read from the table (or unchanged), at ``version``."""
         packed = snap.packed() if self.compact else None
-        self._entries[instance_id] = _Entry(version, snap.persisted, packed, live=snap)
+        self._entries[instance_id] = _Entry(version, snap.persisted, packed, snap, floor)
+
+    def based(self, instance_id: int) -> bool:
+        """Whether ``instance_snapshots`` holds a snapshot of the instance that a process
+        can top up, as far as this process knows."""
+        entry = self._entries.get(instance_id)
+        return entry is not None and entry.based
 
     def keep_after(
         self,
@@ -396,20 +460,36 @@ class SnapshotCache:
         version: int,
         *,
         persisted: bool,
+        floor: int | None = None,
     ) -> None:
         """What a committed tick left stored, at ``version`` (``packed``: its packed form,
-        if the tick made one)."""
+        if the tick made one; ``floor``: the tick's ``Locked.floor``)."""
+        before = self._entries.get(instance_id)
+        based = persisted or (before is not None and before.based)
         if self.compact:
-            self._entries[instance_id] = _Entry(version, persisted, packed or snap.packed())
+            packed = packed or snap.packed()
+            entry = _Entry(version, persisted, packed, floor=floor, based=based)
         else:
             if snap.persisted != persisted:  # a snapshot is not changed once a tick used it
                 snap = replace(snap, persisted=persisted)
-            self._entries[instance_id] = _Entry(version, persisted, live=snap)
+            entry = _Entry(version, persisted, live=snap, floor=floor, based=based)
+        self._entries[instance_id] = entry
 
-    def adopt(self, instance_id: int, packed: PackedSnapshot, version: int) -> None:
+    def adopt(
+        self, instance_id: int, packed: PackedSnapshot, version: int, floor: int | None = None
+    ) -> None:
         """A persisted snapshot read ahead of the instance's tick, unless the tick (or
         another read) got there first."""
-        self._entries.setdefault(instance_id, _Entry(version, True, packed))
+        entry = _Entry(version, True, packed, floor=floor, based=floor is not None)
+        self._entries.setdefault(instance_id, entry)
+
+    def adopt_topped_up(self, instance_id: int, snap: Snapshot, floor: int) -> None:
+        """A stale persisted snapshot topped up to ``snap.version`` (``Snapshot.topped_up``),
+        unless the tick (or another read) got there first. The table still holds the older
+        one, which the same ``floor`` serves."""
+        packed = snap.packed() if self.compact else None
+        entry = _Entry(snap.version, False, packed, snap, floor, based=True)
+        self._entries.setdefault(instance_id, entry)
 
     def __contains__(self, instance_id: int) -> bool:
         return instance_id in self._entries
@@ -418,16 +498,16 @@ class SnapshotCache:
         """The instances this process keeps a snapshot of."""
         return list(self._entries)
 
-    def unpersisted(self, instance_id: int) -> tuple[int, PackedSnapshot] | None:
-        """The instance's snapshot packed, with its version, when ``instance_snapshots``
-        does not hold it (None: none kept, or persisted already)."""
+    def unpersisted(self, instance_id: int) -> tuple[int, int | None, PackedSnapshot] | None:
+        """The instance's snapshot packed, with its version and floor, when
+        ``instance_snapshots`` does not hold it (None: none kept, or persisted already)."""
         entry = self._entries.get(instance_id)
         if entry is None or entry.persisted:
             return None
         if entry.packed is not None:
-            return entry.version, entry.packed
+            return entry.version, entry.floor, entry.packed
         assert entry.live is not None  # an entry holds one form or both
-        return entry.version, entry.live.packed()
+        return entry.version, entry.floor, entry.live.packed()
 
     def mark_persisted(self, instance_id: int, version: int) -> None:
         """``instance_snapshots`` holds the instance's snapshot at ``version`` (unless a
@@ -435,6 +515,7 @@ class SnapshotCache:
         entry = self._entries.get(instance_id)
         if entry is not None and entry.version == version:
             entry.persisted = True
+            entry.based = entry.based or entry.floor is not None
 
     def settle(self, instance_id: int) -> None:
         """The tick is over: ``compact`` keeps only the packed form."""
@@ -462,23 +543,44 @@ def preload(
 ) -> int:
     """Read the persisted snapshots of the instances ``cache`` has none of, a few
     statements for all of them, so that their first tick in this process costs what a
-    steady one does; returns how many were usable. One that is missing, stale or
-    unreadable is rebuilt from the rows by the tick, as before."""
+    steady one does; returns how many were usable. A stale one is topped up from the rows
+    written since (``Snapshot.topped_up``). One that is missing or unreadable, or stale
+    without a floor, is rebuilt from the rows by the tick, as before."""
     found = 0
     with engine.connect() as conn:
         for start in range(0, len(instances), PRELOAD_CHUNK):
             chunk = instances[start : start + PRELOAD_CHUNK]
             ids = [i.id_instance for i in chunk if i.id_instance not in cache]
-            if not ids:
-                continue
-            for iid, (version, data) in store.load_packed(conn, ids).items():
-                try:
-                    packed = PackedSnapshot.from_bytes(data)
-                except ValueError as exc:
-                    log.info("instance %s: persisted snapshot unreadable (%s)", iid, exc)
-                    continue
-                cache.adopt(iid, packed, version)
-                found += 1
+            if ids:
+                found += _preload_chunk(conn, store, cache, ids)
+    return found
+
+
+def _preload_chunk(conn: Connection, store: Store, cache: SnapshotCache, ids: list[int]) -> int:
+    found = 0
+    stale: dict[int, tuple[PackedSnapshot, int, int]] = {}
+    # the state's version is read first, the rows written since after it: rows newer than
+    # that version mean a writer moved the instance on, and its tick then finds the
+    # snapshot one version short and reads the rows again under the lock
+    for row in store.load_packed(conn, ids):
+        try:
+            packed = PackedSnapshot.from_bytes(row.data)
+        except ValueError as exc:
+            log.info("instance %s: persisted snapshot unreadable (%s)", row.instance_id, exc)
+            continue
+        if row.version == row.state_version:
+            cache.adopt(row.instance_id, packed, row.version, row.floor)
+            found += 1
+        elif row.floor is not None and row.version < row.state_version:
+            stale[row.instance_id] = (packed, row.state_version, row.floor)
+    if stale:
+        rows, aliases = store.load_since(conn, {iid: floor for iid, (_, _, floor) in stale.items()})
+        for iid, (packed, version, floor) in stale.items():
+            snap = packed.unpack(version).topped_up(
+                version, rows.get(iid, ()), aliases.get(iid, ())
+            )
+            cache.adopt_topped_up(iid, snap, floor)
+            found += 1
     return found
 
 

@@ -80,6 +80,7 @@ class Syncer:
         monotonic: Callable[[], float] = time.monotonic,
         compact_snapshots: bool = False,
         persist_snapshots: bool | None = None,
+        persist_every: int = 0,
     ) -> None:
         self.engine = engine
         self.client = client
@@ -90,6 +91,10 @@ class Syncer:
         #: whether each tick writes its instance's snapshot into ``instance_snapshots``
         #: (default: when kept compact, where the packed form is at hand anyway)
         self.persist = compact_snapshots if persist_snapshots is None else persist_snapshots
+        #: otherwise, each instance's every ``persist_every``-th tick writes it (0: none),
+        #: staggered across the instances; a snapshot some ticks old is topped up from the
+        #: rows written since by whoever reads it (``Snapshot.topped_up``)
+        self.persist_every = persist_every
         #: checkWhatsapp lookups for the ids of an id switch
         self.linker = Linker(client)
         self.ids = IdStep(engine, self.store, self.snapshots, self.linker, clock)
@@ -169,8 +174,9 @@ class Syncer:
             for iid in ids[start : start + PERSIST_CHUNK]:
                 held = self.snapshots.unpersisted(iid)
                 if held is not None:
-                    version, packed = held
-                    writes.append(SnapshotWrite(iid, version, packed.to_bytes(), self.clock()))
+                    version, floor, packed = held
+                    data = packed.to_bytes()
+                    writes.append(SnapshotWrite(iid, version, data, self.clock(), floor))
             if not writes:
                 continue
             with self.engine.begin() as conn:
@@ -407,11 +413,30 @@ class Syncer:
         self.health.note(instance, outcome)
         aliases = {**ident.aliases, **ident.late}
         identity = snap.identity.after(ident.changes, aliases)
-        new, packed = self._write_plan(conn, item, outcome, locked, plan, snap, decoded, identity)
+        new, packed, saved = self._write_plan(
+            conn, item, outcome, locked, plan, snap, decoded, identity
+        )
         if aliases or ident.changes:
             self.store.write_identity(conn, iid, ident.changes, aliases, now)
+        return self._keep(iid, new, packed, locked, saved)
+
+    def _keep(
+        self,
+        iid: int,
+        new: Snapshot,
+        packed: PackedSnapshot | None,
+        locked: Locked,
+        saved: SnapshotWrite | None,
+    ) -> Callable[[], None]:
+        """What to keep of the instance once the tick's transaction has committed."""
         return functools.partial(
-            self.snapshots.keep_after, iid, new, packed, locked.version, persisted=self.persist
+            self.snapshots.keep_after,
+            iid,
+            new,
+            packed,
+            locked.version,
+            persisted=saved is not None,
+            floor=locked.floor,
         )
 
     def _write_plan(
@@ -424,9 +449,9 @@ class Syncer:
         snap: Snapshot,
         decoded: DecodedChats,
         identity: Identity,
-    ) -> tuple[Snapshot, PackedSnapshot | None]:
+    ) -> tuple[Snapshot, PackedSnapshot | None, SnapshotWrite | None]:
         """Write a planned tick with its run row (and persisted snapshot); returns the
-        snapshot as the tick leaves it, and its packed form if one was made."""
+        snapshot as the tick leaves it, its packed form if one was made, and its write."""
         iid = item.instance.id_instance
         run = functools.partial(self._run_row, outcome, item.t0)
         tag = decoder_tag(item.instance.platform)
@@ -434,7 +459,7 @@ class Syncer:
             new = snap.after_first_load(plan.chats, decoded, tag, identity)
             packed, saved = self._persisted(iid, locked, snap, new)
             outcome.sync_run_id = self.store.write_first_load(conn, locked, plan, run, saved)
-            return new, packed
+            return new, packed, saved
         unchanged = (
             not plan.chat_rows
             and not plan.removed
@@ -448,20 +473,30 @@ class Syncer:
             new = snap.after_write(plan.chat_rows, plan.removed, decoded, tag, identity)
         packed, saved = self._persisted(iid, locked, snap, new)
         outcome.sync_run_id = self.store.write_tick(conn, locked, plan, run, saved)
-        return new, packed
+        return new, packed, saved
 
     def _persisted(
         self, iid: int, locked: Locked, snap: Snapshot, new: Snapshot
     ) -> tuple[PackedSnapshot | None, SnapshotWrite | None]:
         """The packed form of ``new`` and its write into ``instance_snapshots`` (none when
-        this syncer does not persist): only the version moves on when ``new`` is the
+        this tick does not persist): only the version moves on when ``new`` is the
         snapshot persisted before."""
-        if not self.persist:
+        if not self._persists(iid, locked.version):
             return None, None
         # an unchanged snapshot read from its packed form is packed already
         packed = snap.source if new is snap and snap.source is not None else new.packed()
         data = None if new is snap and snap.persisted else packed.to_bytes()
-        return packed, SnapshotWrite(iid, locked.version, data, self.clock())
+        return packed, SnapshotWrite(iid, locked.version, data, self.clock(), locked.floor)
+
+    def _persists(self, iid: int, version: int) -> bool:
+        """Whether the tick that leaves ``version`` writes the instance's snapshot: every
+        tick (``persist``), or one in ``persist_every``, the instances taking turns (by
+        id) so that the writes spread over the ticks instead of coming all at once, and
+        any tick while the table holds none to top up (a first load, a rebuild)."""
+        if self.persist:
+            return True
+        every = self.persist_every
+        return every > 0 and ((version + iid) % every == 0 or not self.snapshots.based(iid))
 
     def _decoded(
         self, item: Pending, snap: Snapshot, prefetch: Prefetch | None
@@ -557,9 +592,7 @@ class Syncer:
         outcome.sync_run_id = self.store.write_run(conn, locked, row, saved)
         if ident.aliases:
             self.store.write_identity(conn, iid, [], ident.aliases, self.clock())
-        return functools.partial(
-            self.snapshots.keep_after, iid, new, packed, locked.version, persisted=self.persist
-        )
+        return self._keep(iid, new, packed, locked, saved)
 
     def _write_lost(
         self, conn: Connection, item: Pending, outcome: SyncOutcome, locked: Locked

@@ -8,13 +8,14 @@ A third database is a new subclass with its ``dialect`` name, not new branches.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, NamedTuple, cast
 
-from sqlalchemy import Connection, Table, and_, bindparam, insert, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.elements import BindParameter
 
 from etl.models import aliases_t, chats_t, history_t, runs_t, snapshots_t, state_t
 from etl.sync.guards import GuardState
@@ -96,6 +97,10 @@ class Locked:
     #: the tick's claim is no longer held: nothing was bumped, nothing may be written but
     #: the run row (``lease_lost``)
     fenced: bool = False
+    #: the ``load_watermark`` seen inside this transaction: any transaction that writes
+    #: the instance after this one commits later, so its rows' ``change_seq`` is at least
+    #: this (the floor a snapshot of ``version`` is topped up from; None: not read)
+    floor: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +112,18 @@ class SnapshotWrite:
     version: int
     data: bytes | None
     now: datetime
+    #: ``Locked.floor`` of the tick that left ``version`` (None: unknown)
+    floor: int | None = None
+
+
+class PersistedSnapshot(NamedTuple):
+    """A row of ``instance_snapshots`` with its instance's state version."""
+
+    instance_id: int
+    version: int
+    state_version: int
+    floor: int | None
+    data: bytes
 
 
 def fenced_lock(run_id: int | None, change_seq: int | None = None) -> Locked:
@@ -220,7 +237,10 @@ class Store:
         #: may not be
         self.upsert_snapshot = snapshot.on_conflict_do_update(
             index_elements=[snapshots_t.c.instance_id],
-            set_={c: snapshot.excluded[c] for c in ("version", "data", "updated_at")},
+            set_={
+                c: snapshot.excluded[c]
+                for c in ("version", "data", "updated_at", "change_seq_floor")
+            },
             where=snapshots_t.c.version < snapshot.excluded.version,
         )
         self.bump_snapshot = (
@@ -230,6 +250,19 @@ class Store:
                 snapshots_t.c.version == bindparam("version") - 1,
             )
             .values(version=bindparam("version"))
+        )
+        since: BindParameter[int] = bindparam("floor")
+        self.chats_since = select(
+            chats_t.c.instance_id, *STORED_CHAT, chats_t.c.current_chat_id
+        ).where(
+            chats_t.c.instance_id.in_(bindparam("ids", expanding=True)),
+            chats_t.c.change_seq >= since,
+        )
+        self.aliases_since = select(
+            aliases_t.c.instance_id, aliases_t.c.alias_id, aliases_t.c.chat_id
+        ).where(
+            aliases_t.c.instance_id.in_(bindparam("ids", expanding=True)),
+            aliases_t.c.change_seq >= since,
         )
         alias = self.insert(aliases_t)
         self.upsert_aliases = alias.on_conflict_do_update(
@@ -388,19 +421,54 @@ class Store:
         ).scalar()
         return int(version or 0)
 
-    def load_packed(self, conn: Connection, ids: Sequence[int]) -> dict[int, tuple[int, bytes]]:
+    def load_packed(self, conn: Connection, ids: Sequence[int]) -> list[PersistedSnapshot]:
         """The persisted snapshots of these instances that describe their state as it is
-        (their version is the state's): instance -> (version, data)."""
+        (their version is the state's), or describe an older one and have a floor to be
+        topped up from."""
         rows = conn.execute(
-            select(snapshots_t.c.instance_id, snapshots_t.c.version, snapshots_t.c.data)
+            select(
+                snapshots_t.c.instance_id,
+                snapshots_t.c.version,
+                state_t.c.version.label("state_version"),
+                snapshots_t.c.change_seq_floor,
+                snapshots_t.c.data,
+            )
             .join(state_t, state_t.c.instance_id == snapshots_t.c.instance_id)
             .where(
                 snapshots_t.c.instance_id.in_(bindparam("ids", expanding=True)),
-                snapshots_t.c.version == state_t.c.version,
+                or_(
+                    snapshots_t.c.version == state_t.c.version,
+                    snapshots_t.c.change_seq_floor.is_not(None),
+                ),
             ),
             {"ids": list(ids)},
         )
-        return {r.instance_id: (int(r.version), bytes(r.data)) for r in rows}
+        return [
+            PersistedSnapshot(
+                int(r.instance_id),
+                int(r.version),
+                int(r.state_version),
+                None if r.change_seq_floor is None else int(r.change_seq_floor),
+                bytes(r.data),
+            )
+            for r in rows
+        ]
+
+    def load_since(
+        self, conn: Connection, floors: Mapping[int, int]
+    ) -> tuple[dict[int, list[Any]], dict[int, list[Any]]]:
+        """The chat rows (``STORED_CHAT`` and ``current_chat_id``) and alias rows (alias
+        id, chat id) of these instances written at or above the lowest of their floors,
+        by instance. One floor for all reads a few rows more than each its own would, and
+        those are harmless (``Snapshot.topped_up``)."""
+        params = {"ids": list(floors), "floor": min(floors.values())}
+        chats: dict[int, list[Any]] = {}
+        for row in conn.execute(self.chats_since, params):
+            chats.setdefault(row[0], []).append(row[1:])
+        aliases: dict[int, list[Any]] = {}
+        for alias in conn.execute(self.aliases_since, params):
+            aliases.setdefault(alias[0], []).append(alias[1:])
+        return chats, aliases
 
     def save_snapshot(self, conn: Connection, snapshot: SnapshotWrite | None) -> None:
         """The instance's persisted snapshot, in a statement of its own (None: not
@@ -423,6 +491,7 @@ class Store:
                 "version": w.version,
                 "data": w.data,
                 "updated_at": w.now,
+                "change_seq_floor": w.floor,
             }
             for w in writes
         ]

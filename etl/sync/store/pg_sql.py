@@ -31,7 +31,8 @@ from etl.sync.store.base import UPSERT_UPDATES, SnapshotWrite
 _LOCK = """
 WITH l AS MATERIALIZED (
   SELECT pg_try_advisory_xact_lock(%(key)s) AS got,
-         nextval(pg_get_serial_sequence('sync_runs', 'id')) AS run_id{idle}
+         nextval(pg_get_serial_sequence('sync_runs', 'id')) AS run_id,
+         {floor} AS floor{idle}
 ), b AS ({bump}
   RETURNING s.version, s.pending_removal_digest, s.pending_removal_streak
 )"""
@@ -55,7 +56,12 @@ _BUMP_FENCED = """
     next_due_at = %(due)s, failures = 0, failure_kind = NULL
   FROM l WHERE l.got AND s.instance_id = %(iid)s
     AND s.lease_owner = %(owner)s AND s.lease_epoch = %(epoch)s"""
-_LOCK_COLUMNS = "l.got, l.run_id, b.version, b.pending_removal_digest, b.pending_removal_streak"
+_LOCK_COLUMNS = (
+    "l.got, l.run_id, l.floor, b.version, b.pending_removal_digest, b.pending_removal_streak"
+)
+#: the ``load_watermark`` view's definition (revision 0008), in this statement's snapshot,
+#: which is taken inside the tick's transaction (``Locked.floor``)
+WATERMARK = "CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text) AS bigint)"
 
 #: the stored rows of some chats, with the open history period's start
 LOAD_ROWS = """
@@ -85,7 +91,7 @@ def lock_sql(bump: str, *, read: bool) -> str:
     repeated), or one row with a NULL ``chat_id`` when none is found or the lock was not
     free. A lock that was free but a bump that returned nothing (``version`` NULL) means
     the claim is no longer held."""
-    ctes = _LOCK.format(bump=_BUMPS[bump], idle=_IDLE if bump == "fenced" else "")
+    ctes = _LOCK.format(bump=_BUMPS[bump], idle=_IDLE if bump == "fenced" else "", floor=WATERMARK)
     if not read:
         return f"{ctes}\nSELECT {_LOCK_COLUMNS}\nFROM l LEFT JOIN b ON true\n"
     return (
@@ -94,9 +100,11 @@ def lock_sql(bump: str, *, read: bool) -> str:
     )
 
 
-#: try the lock again (reserving another run id), after another writer held it
+#: try the lock again (reserving another run id, reading the floor), after another
+#: writer held it
 TRY_LOCK = (
-    "SELECT pg_try_advisory_xact_lock(%s), nextval(pg_get_serial_sequence('sync_runs', 'id'))"
+    "SELECT pg_try_advisory_xact_lock(%s), nextval(pg_get_serial_sequence('sync_runs', 'id')), "
+    + WATERMARK
 )
 #: wait for the lock
 WAIT_LOCK = "SELECT pg_advisory_xact_lock(%s)"
@@ -148,9 +156,11 @@ FROM json_to_recordset(%s::json) AS x (chat_id text, valid_from timestamptz) RET
 
 #: the persisted snapshot a tick leaves; parameters: (instance id, version, data, now)
 _SAVE_SNAPSHOT = """
-INSERT INTO instance_snapshots (instance_id, version, data, updated_at) VALUES (%s, %s, %s, %s)
+INSERT INTO instance_snapshots (instance_id, version, data, updated_at, change_seq_floor)
+VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT (instance_id) DO UPDATE
-SET version = excluded.version, data = excluded.data, updated_at = excluded.updated_at
+SET version = excluded.version, data = excluded.data, updated_at = excluded.updated_at,
+  change_seq_floor = excluded.change_seq_floor
 RETURNING 1
 """
 #: the one at the version before moves on; parameters: (version, instance id, version - 1)
@@ -167,7 +177,9 @@ def add_snapshot(stmt: CteStatement, snapshot: SnapshotWrite | None) -> None:
         args = (snapshot.version, snapshot.instance_id, snapshot.version - 1)
         stmt.add("sn", "instance_snapshots", _BUMP_SNAPSHOT, *args)
     else:
-        args2 = (snapshot.instance_id, snapshot.version, snapshot.data, snapshot.now)
+        args2 = (
+            snapshot.instance_id, snapshot.version, snapshot.data, snapshot.now, snapshot.floor
+        )  # fmt: skip
         stmt.add("sn", "instance_snapshots", _SAVE_SNAPSHOT, *args2)
 
 

@@ -88,23 +88,23 @@ class PostgresStore(Store):
             for listener in written_listeners:
                 listener("instance_sync_state", 1)
             guard = GuardState(row.pending_removal_digest, row.pending_removal_streak)
-            return Locked(int(row.run_id), int(row.version), guard, stored)
-        run_id = self._wait_for_lock(conn, iid)
+            return Locked(int(row.run_id), int(row.version), guard, stored, floor=int(row.floor))
+        run_id, floor = self._wait_for_lock(conn, iid)
         bumped = self.bump(conn, iid, now, state)
         if bumped is None:
             return fenced_lock(run_id)
-        return Locked(run_id, *bumped)
+        return Locked(run_id, *bumped, floor=floor)
 
     @staticmethod
-    def _wait_for_lock(conn: Connection, iid: int) -> int:
+    def _wait_for_lock(conn: Connection, iid: int) -> tuple[int, int]:
         """Take the lock another writer held (a wait is logged); returns a run id reserved
-        in the same round trip as the new try."""
+        in the same round trip as the new try, and the floor (``Locked.floor``)."""
         key = (instance_lock_key(iid),)
-        got, run_id = conn.exec_driver_sql(pg_sql.TRY_LOCK, key).one()
+        got, run_id, floor = conn.exec_driver_sql(pg_sql.TRY_LOCK, key).one()
         if not got:
             log.info("instance %s: another process is syncing it; waiting", iid)
             conn.exec_driver_sql(pg_sql.WAIT_LOCK, key)
-        return int(run_id)
+        return int(run_id), int(floor)
 
     def lock_registry(self, conn: Connection) -> None:
         conn.exec_driver_sql(pg_sql.LOCK_REGISTRY, REGISTRY_LOCK_KEY)
