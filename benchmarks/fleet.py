@@ -557,7 +557,7 @@ def new_syncer(engine: Engine, client: GreenApiClient, args: argparse.Namespace)
 
 
 def take_over(
-    old: Syncer, client: GreenApiClient, args: argparse.Namespace
+    old: Syncer, client: GreenApiClient, args: argparse.Namespace, instances: list[Instance]
 ) -> tuple[Syncer, dict[str, Any] | None]:
     """A syncer with nothing in memory, as a replica that has just taken the instances over
     (or a restarted daemon): it reads the persisted snapshots (written with
@@ -569,7 +569,12 @@ def take_over(
         t0 = time.perf_counter()
         written = old.persist_held()
         hand_over = {"written": written, "s": round(time.perf_counter() - t0, 4)}
-    return new_syncer(old.engine, client, args), hand_over
+    new = new_syncer(old.engine, client, args)
+    if args.preload_ahead:
+        # as `etl run` does at its start and for the instances it claims: a few
+        # statements read the snapshots ahead of the ticks, on a thread of their own
+        new.preload_ahead(instances)
+    return new, hand_over
 
 
 def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
@@ -621,6 +626,7 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
         common["compact_snapshots"] = args.compact_snapshots
         common["persist_snapshots"] = persists(args)
         common["persist_every"] = args.persist_every
+        common["preload_ahead"] = args.preload_ahead
         runner = Pass(sim, pool, instances, engine, counter)
         prepare_s = sim.prepare()
         profiler = PySpy(args.py_spy, gil=not args.py_spy_all) if args.py_spy else None
@@ -629,7 +635,7 @@ def run(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
                 prepare_s = sim.step(1)
             hand_over = None
             if phase == "takeover" and syncer is not None:
-                syncer, hand_over = take_over(syncer, client, args)
+                syncer, hand_over = take_over(syncer, client, args, instances)
             elif phase == "nochange":
                 prepare_s = 0.0
             for mode in modes:
@@ -851,6 +857,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="experiment: snapshots kept as dicts (the default) but each tick writes its own "
         "into instance_snapshots, as --compact-snapshots does (what persisting every tick "
         "costs without unpacking)",
+    )
+    p.add_argument(
+        "--preload-ahead",
+        action="store_true",
+        help="the new syncer of each --takeover tick reads the persisted snapshots ahead of "
+        "its ticks, in chunks, on a thread of its own, as `etl run` does at its start and "
+        "for the instances it claims (else each tick reads its own)",
     )
     p.add_argument(
         "--persist-every",
