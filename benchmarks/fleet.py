@@ -411,8 +411,13 @@ class Pass:
         }
         if mode == "db" and self.engine is not None and self.engine.dialect.name == "postgresql":
             pids = pids0 | backend_pids(self.engine)
+            # a backend that exited during the pass (a pool's overflow connection closed)
+            # reads 0.0: its CPU is lost either way, and subtracting its start would count
+            # it negative
+            now = {p: proc_cpu_seconds(p) for p in pids}
             line["db_cpu_s"] = round(
-                sum(proc_cpu_seconds(p) - db_cpu0.get(p, 0.0) for p in pids), 4
+                sum(cpu - db_cpu0.get(p, 0.0) for p, cpu in now.items() if cpu or p not in pids0),
+                4,
             )
         if sql0 is not None and self.counter is not None:
             st1, ps1, rows1 = self.counter.snapshot()

@@ -456,3 +456,35 @@ def test_a_top_up_applies_every_row_and_forgets_the_elements_of_the_chats_they_n
     assert out.raw == {15: "e", 16: "z@lid"}  # only the chat no row names
     assert (snap.fingerprints["a"], snap.removed, snap.raw[11]) == (1, {"c"}, "a")  # unchanged
     assert snap.topped_up(4, [], []).raw == snap.raw  # nothing written since: all kept
+
+
+def test_a_turn_to_persist_at_a_tick_that_changed_nothing_passes_to_the_next_that_does(
+    engine: Engine, busy_sim: Simulator, fast_client: GreenApiClient
+) -> None:
+    """With ``persist_every``, a tick that changed nothing writes no snapshot even on its
+    turn (the one in the table is no further behind in rows); the next tick that changes
+    something writes it."""
+    inst = make_instance(busy_sim)
+    register_instances(engine, [inst])
+    every = 3
+    syncer = Syncer(engine, fast_client, persist_every=every)
+    snapshot_version = "SELECT version FROM instance_snapshots"
+    assert syncer.sync(inst).chats_inserted > 0
+    assert scalar(engine, snapshot_version) == 1  # the first load writes it
+
+    def turn(version: int) -> bool:
+        return (version + inst.id_instance) % every == 0
+
+    version, turns = 1, 0
+    # the same list until a turn has passed and the next tick's version is not a turn
+    while not turns or turn(version + 1):
+        out = syncer.sync(inst)
+        assert out.status == "ok" and out.chats_updated == out.chats_inserted == 0
+        version += 1
+        turns += turn(version)
+    assert scalar(engine, snapshot_version) == 1  # a turn came, nothing was written
+    busy_sim.step()
+    out = syncer.sync(inst)
+    assert out.chats_updated + out.chats_inserted + out.chats_removed > 0
+    assert scalar(engine, snapshot_version) == version + 1  # not its turn: the owed one
+    assert scalar(engine, "SELECT version FROM instance_sync_state") == version + 1

@@ -418,6 +418,9 @@ class SnapshotCache:
     def __init__(self, *, compact: bool = False) -> None:
         self.compact = compact
         self._entries: dict[int, _Entry] = {}
+        #: instances whose turn to persist came at a tick that changed nothing
+        #: (``Syncer._persists``): the next tick that changes something writes it
+        self._owed: set[int] = set()
 
     def get(self, instance_id: int) -> Snapshot | None:
         """The snapshot for the running tick (unpacked at most once per tick)."""
@@ -466,6 +469,8 @@ class SnapshotCache:
         if the tick made one; ``floor``: the tick's ``Locked.floor``)."""
         before = self._entries.get(instance_id)
         based = persisted or (before is not None and before.based)
+        if persisted:
+            self._owed.discard(instance_id)
         if self.compact:
             packed = packed or snap.packed()
             entry = _Entry(version, persisted, packed, floor=floor, based=based)
@@ -523,8 +528,15 @@ class SnapshotCache:
         if self.compact and entry is not None and entry.packed is not None:
             entry.live = None
 
+    def owe(self, instance_id: int) -> None:
+        self._owed.add(instance_id)
+
+    def owed(self, instance_id: int) -> bool:
+        return instance_id in self._owed
+
     def forget(self, instance_id: int) -> None:
         self._entries.pop(instance_id, None)
+        self._owed.discard(instance_id)
 
     def packed_bytes(self) -> int:
         """About how much memory the packed snapshots take (for benchmarks)."""

@@ -481,22 +481,34 @@ class Syncer:
         """The packed form of ``new`` and its write into ``instance_snapshots`` (none when
         this tick does not persist): only the version moves on when ``new`` is the
         snapshot persisted before."""
-        if not self._persists(iid, locked.version):
+        if not self._persists(iid, locked.version, changed=new is not snap):
             return None, None
         # an unchanged snapshot read from its packed form is packed already
         packed = snap.source if new is snap and snap.source is not None else new.packed()
         data = None if new is snap and snap.persisted else packed.to_bytes()
         return packed, SnapshotWrite(iid, locked.version, data, self.clock(), locked.floor)
 
-    def _persists(self, iid: int, version: int) -> bool:
+    def _persists(self, iid: int, version: int, *, changed: bool) -> bool:
         """Whether the tick that leaves ``version`` writes the instance's snapshot: every
         tick (``persist``), or one in ``persist_every``, the instances taking turns (by
         id) so that the writes spread over the ticks instead of coming all at once, and
-        any tick while the table holds none to top up (a first load, a rebuild)."""
+        any tick while the table holds none to top up (a first load, a rebuild).
+
+        A turn that comes at a tick that changed nothing passes to the next tick that
+        does: the snapshot in the table is no further behind in rows than before (its
+        reader tops it up from the same rows), so writing it would cost a no-change tick
+        and save nobody anything."""
         if self.persist:
             return True
         every = self.persist_every
-        return every > 0 and ((version + iid) % every == 0 or not self.snapshots.based(iid))
+        if every <= 0:
+            return False
+        if not self.snapshots.based(iid):
+            return True
+        due = (version + iid) % every == 0 or self.snapshots.owed(iid)
+        if due and not changed:
+            self.snapshots.owe(iid)
+        return due and changed
 
     def _decoded(
         self, item: Pending, snap: Snapshot, prefetch: Prefetch | None
