@@ -48,9 +48,10 @@ class Reads:
         # a snapshot rebuilt from the table: every chat of the instance, by instance only
         by_instance = "where chats.instance_id =" in flat or "where instance_id =" in flat
         some = "chat_id in" in flat or "any(" in flat
-        if "from chats" in flat and by_instance and not some:
+        since = "change_seq >=" in flat
+        if "from chats" in flat and by_instance and not some and not since:
             self.full.append(flat[:80])
-        if "from chats" in flat and "change_seq >=" in flat:
+        if "chats" in flat and since:
             self.since.append(flat[:80])
 
     def close(self) -> None:

@@ -18,8 +18,9 @@ Three forms:
   ``array('q')``), so that a daemon holding millions of chats keeps tens of bytes per
   chat instead of hundreds;
 * its bytes (``to_bytes``), written in the tick's own transaction into
-  ``instance_snapshots`` with the version it describes (by ``etl sync --once``, and by
-  the daemon with ``compact_snapshots``), so that a new process (the next ``etl sync
+  ``instance_snapshots`` with the version it describes (by every tick of ``etl sync
+  --once`` and of the daemon with ``compact_snapshots``; by one tick in
+  ``persist_every_ticks`` of the default daemon), so that a new process (the next ``etl sync
   --once``, a restart, a replica taking instances over) reads one value per instance
   instead of every chat row. A stale one (behind the state's version: written some ticks
   ago, or by a replica that died since) is topped up from the rows written after it,
@@ -442,12 +443,10 @@ class SnapshotCache:
             return None
         return self.get(instance_id)
 
-    def keep(
-        self, instance_id: int, snap: Snapshot, version: int, floor: int | None = None
-    ) -> None:
+    def keep(self, instance_id: int, snap: Snapshot, version: int) -> None:
         """A snapshot read from the table (or unchanged), at ``version``."""
         packed = snap.packed() if self.compact else None
-        self._entries[instance_id] = _Entry(version, snap.persisted, packed, snap, floor)
+        self._entries[instance_id] = _Entry(version, snap.persisted, packed, live=snap)
 
     def based(self, instance_id: int) -> bool:
         """Whether ``instance_snapshots`` holds a snapshot of the instance that a process

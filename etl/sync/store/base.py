@@ -254,16 +254,10 @@ class Store:
         since: BindParameter[int] = bindparam("floor")
         self.chats_since = select(
             chats_t.c.instance_id, *STORED_CHAT, chats_t.c.current_chat_id
-        ).where(
-            chats_t.c.instance_id.in_(bindparam("ids", expanding=True)),
-            chats_t.c.change_seq >= since,
-        )
+        ).where(chats_t.c.instance_id == bindparam("iid"), chats_t.c.change_seq >= since)
         self.aliases_since = select(
             aliases_t.c.instance_id, aliases_t.c.alias_id, aliases_t.c.chat_id
-        ).where(
-            aliases_t.c.instance_id.in_(bindparam("ids", expanding=True)),
-            aliases_t.c.change_seq >= since,
-        )
+        ).where(aliases_t.c.instance_id == bindparam("iid"), aliases_t.c.change_seq >= since)
         alias = self.insert(aliases_t)
         self.upsert_aliases = alias.on_conflict_do_update(
             index_elements=[aliases_t.c.instance_id, aliases_t.c.alias_id],
@@ -458,16 +452,17 @@ class Store:
         self, conn: Connection, floors: Mapping[int, int]
     ) -> tuple[dict[int, list[Any]], dict[int, list[Any]]]:
         """The chat rows (``STORED_CHAT`` and ``current_chat_id``) and alias rows (alias
-        id, chat id) of these instances written at or above the lowest of their floors,
-        by instance. One floor for all reads a few rows more than each its own would, and
-        those are harmless (``Snapshot.topped_up``)."""
-        params = {"ids": list(floors), "floor": min(floors.values())}
+        id, chat id) of these instances written at or above each one's floor, by
+        instance. Each instance with its own floor: one lowest floor for all would read
+        every row an instance idle for hours has left below its own."""
         chats: dict[int, list[Any]] = {}
-        for row in conn.execute(self.chats_since, params):
-            chats.setdefault(row[0], []).append(row[1:])
         aliases: dict[int, list[Any]] = {}
-        for alias in conn.execute(self.aliases_since, params):
-            aliases.setdefault(alias[0], []).append(alias[1:])
+        for iid, floor in floors.items():
+            params = {"iid": iid, "floor": floor}
+            if rows := [row[1:] for row in conn.execute(self.chats_since, params)]:
+                chats[iid] = rows
+            if pairs := [row[1:] for row in conn.execute(self.aliases_since, params)]:
+                aliases[iid] = pairs
         return chats, aliases
 
     def save_snapshot(self, conn: Connection, snapshot: SnapshotWrite | None) -> None:

@@ -74,6 +74,20 @@ WHERE c.instance_id = %(iid)s AND c.chat_id = ANY(%(ids)s)
 """
 
 
+#: the rows of some instances written at or above each one's floor (``load_since``);
+#: parameters: instance ids, floors (two arrays of the same length)
+CHATS_SINCE = """
+SELECT c.instance_id, c.chat_id, c.chat_type, c.name, c.archived, c.ephemeral_expiration,
+       c.ephemeral_setting_at, c.removed_at, c.current_chat_id
+FROM unnest(%(ids)s::bigint[], %(floors)s::bigint[]) AS f (iid, floor)
+JOIN chats c ON c.instance_id = f.iid AND c.change_seq >= f.floor
+"""
+ALIASES_SINCE = """
+SELECT a.instance_id, a.alias_id, a.chat_id
+FROM unnest(%(ids)s::bigint[], %(floors)s::bigint[]) AS f (iid, floor)
+JOIN chat_aliases a ON a.instance_id = f.iid AND a.change_seq >= f.floor
+"""
+
 #: the bump of each kind of lock (``lock_sql``)
 _BUMPS = {"tick": _BUMP, "fenced": _BUMP_FENCED, "version": _BUMP_VERSION}
 #: a fenced tick's transaction ends if its client stalls in it for longer than the lease

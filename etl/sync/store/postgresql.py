@@ -9,6 +9,7 @@ the run row can be written last, with its real end time.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, cast
 
@@ -115,6 +116,17 @@ class PostgresStore(Store):
 
     def _read(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
         return list(conn.exec_driver_sql(pg_sql.LOAD_ROWS, params))
+
+    def load_since(
+        self, conn: Connection, floors: Mapping[int, int]
+    ) -> tuple[dict[int, list[Any]], dict[int, list[Any]]]:
+        # every instance of the chunk in one statement each for chats and aliases
+        params = {"ids": list(floors), "floors": list(floors.values())}
+        out: tuple[dict[int, list[Any]], dict[int, list[Any]]] = ({}, {})
+        for sql, found in zip((pg_sql.CHATS_SINCE, pg_sql.ALIASES_SINCE), out, strict=True):
+            for row in conn.exec_driver_sql(sql, params):
+                found.setdefault(row[0], []).append(row[1:])
+        return out
 
     def write_run(
         self,
