@@ -187,13 +187,16 @@ def test_a_snapshot_that_cannot_be_used_falls_back_to_the_rows(
     check_history_invariants(engine)
 
 
-def _snapshot_row(engine: Engine, iid: int) -> tuple[bytes, int]:
+def _snapshot_row(engine: Engine, iid: int) -> tuple[bytes, int, int | None]:
     with engine.connect() as conn:
         row = conn.execute(
-            text("SELECT data, version FROM instance_snapshots WHERE instance_id = :i"),
+            text(
+                "SELECT data, version, change_seq_floor FROM instance_snapshots "
+                "WHERE instance_id = :i"
+            ),
             {"i": iid},
         ).one()
-    return bytes(row.data), int(row.version)
+    return bytes(row.data), int(row.version), row.change_seq_floor
 
 
 def _damage(engine: Engine, iid: int, how: str, before: Any = None) -> None:
@@ -203,9 +206,10 @@ def _damage(engine: Engine, iid: int, how: str, before: Any = None) -> None:
         elif how.startswith("stale"):  # another writer moved the instance on without it
             conn.execute(
                 text(
-                    "UPDATE instance_snapshots SET data = :d, version = :v WHERE instance_id = :i"
+                    "UPDATE instance_snapshots SET data = :d, version = :v, "
+                    "change_seq_floor = :f WHERE instance_id = :i"
                 ),
-                {"d": before[0], "v": before[1], "i": iid},
+                {"d": before[0], "v": before[1], "f": before[2], "i": iid},
             )
             if how == "stale-without-floor":  # as written before revision 0011
                 conn.execute(

@@ -96,13 +96,14 @@ class SQLiteStore(Store):
     ) -> Locked:
         # the transaction's BEGIN IMMEDIATE already holds the database's write lock, so the
         # next change_seq stays this transaction's until it commits; every later writer
-        # numbers its rows above it (this tick's run row holds it), so it is the floor too
+        # numbers its rows above it (this tick's run row holds it), so one above it is the
+        # floor (a top-up does not read this tick's own rows again)
         bumped = self.bump(conn, iid, now, state)
         seq = self.change_seq(conn)
         if bumped is None:
             return fenced_lock(None, seq)
         version, guard = bumped
-        return Locked(None, version, guard, change_seq=seq, floor=seq)
+        return Locked(None, version, guard, change_seq=seq, floor=seq + 1)
 
     def change_seq(self, conn: Connection) -> Any:
         return int(conn.execute(_NEXT_CHANGE_SEQ).scalar_one())
