@@ -252,12 +252,12 @@ class Store:
             .values(version=bindparam("version"))
         )
         since: BindParameter[int] = bindparam("floor")
-        self.chats_since = select(
-            chats_t.c.instance_id, *STORED_CHAT, chats_t.c.current_chat_id
-        ).where(chats_t.c.instance_id == bindparam("iid"), chats_t.c.change_seq >= since)
-        self.aliases_since = select(
-            aliases_t.c.instance_id, aliases_t.c.alias_id, aliases_t.c.chat_id
-        ).where(aliases_t.c.instance_id == bindparam("iid"), aliases_t.c.change_seq >= since)
+        self.chats_since = select(*STORED_CHAT, chats_t.c.current_chat_id).where(
+            chats_t.c.instance_id == bindparam("iid"), chats_t.c.change_seq >= since
+        )
+        self.aliases_since = select(aliases_t.c.alias_id, aliases_t.c.chat_id).where(
+            aliases_t.c.instance_id == bindparam("iid"), aliases_t.c.change_seq >= since
+        )
         alias = self.insert(aliases_t)
         self.upsert_aliases = alias.on_conflict_do_update(
             index_elements=[aliases_t.c.instance_id, aliases_t.c.alias_id],
@@ -459,9 +459,9 @@ class Store:
         aliases: dict[int, list[Any]] = {}
         for iid, floor in floors.items():
             params = {"iid": iid, "floor": floor}
-            if rows := [row[1:] for row in conn.execute(self.chats_since, params)]:
+            if rows := list(conn.execute(self.chats_since, params)):
                 chats[iid] = rows
-            if pairs := [row[1:] for row in conn.execute(self.aliases_since, params)]:
+            if pairs := list(conn.execute(self.aliases_since, params)):
                 aliases[iid] = pairs
         return chats, aliases
 

@@ -59,9 +59,9 @@ _BUMP_FENCED = """
 _LOCK_COLUMNS = (
     "l.got, l.run_id, l.floor, b.version, b.pending_removal_digest, b.pending_removal_streak"
 )
-#: the ``load_watermark`` view's definition (revision 0008), in this statement's snapshot,
-#: which is taken inside the tick's transaction (``Locked.floor``)
-WATERMARK = "CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text) AS bigint)"
+#: the ``load_watermark`` view (revision 0008) read in this statement's snapshot, which is
+#: taken inside the tick's transaction (``Locked.floor``)
+WATERMARK = "(SELECT watermark FROM load_watermark)"
 
 #: the stored rows of some chats, with the open history period's start
 LOAD_ROWS = """
@@ -168,7 +168,8 @@ FROM json_to_recordset(%s::json) AS x (chat_id text, valid_from timestamptz) RET
 """
 
 
-#: the persisted snapshot a tick leaves; parameters: (instance id, version, data, now)
+#: the persisted snapshot a tick leaves; parameters: (instance id, version, data, now,
+#: floor)
 _SAVE_SNAPSHOT = """
 INSERT INTO instance_snapshots (instance_id, version, data, updated_at, change_seq_floor)
 VALUES (%s, %s, %s, %s, %s)
