@@ -90,6 +90,13 @@ class Daemon:
             timezone="UTC",
         )
         self._stop = threading.Event()
+        #: held while sync jobs are added or removed; ``_closing`` is set under it before
+        #: the scheduler shuts down. APScheduler's ``shutdown`` holds its job-store lock
+        #: while it waits for the running jobs, so a job that adds or removes one then (a
+        #: heartbeat scheduling what it just claimed) would wait for that lock, and the
+        #: shutdown for the job, for ever
+        self._jobs_lock = threading.Lock()
+        self._closing = False
         self._signals = 0
         self.ticks = 0
         self._ticks_lock = threading.Lock()
@@ -209,37 +216,45 @@ class Daemon:
         new = [self.by_id[h.instance_id] for h in ours if h.next_due_at is None]
         late = [self.by_id[h.instance_id] for h in ours if _late(h, now) and h.next_due_at]
         offsets = stagger_offsets(new) | stagger_offsets(late, spread)
-        for h in held:
-            inst = self.by_id.get(h.instance_id)
-            if inst is None:
-                continue
-            interval = timedelta(seconds=inst.interval_seconds)
-            if h.instance_id in offsets:
-                first = now + timedelta(seconds=0.2 + offsets[h.instance_id])
-            elif h.failures:  # backing off: as late as the backoff says
-                assert h.next_due_at is not None
-                first = h.next_due_at
-            else:  # due one interval after its last tick, by the interval configured now
-                assert h.next_due_at is not None
-                first = min(h.next_due_at, now + interval)
-            self.scheduler.add_job(
-                self._job,
-                IntervalTrigger(seconds=inst.interval_seconds, start_date=first, timezone="UTC"),
-                args=[inst],
-                id=f"sync-{inst.id_instance}",
-                name=f"getChats {inst.id_instance}",
-                max_instances=1,
-                coalesce=True,
-                misfire_grace_time=inst.interval_seconds,
-                replace_existing=True,
-            )
+        with self._jobs_lock:
+            if self._closing:  # stopping: what was claimed is released with the rest
+                return
+            for h in held:
+                self._add_sync_job(h, now, offsets)
+
+    def _add_sync_job(self, h: Held, now: datetime, offsets: dict[int, float]) -> None:
+        inst = self.by_id.get(h.instance_id)
+        if inst is None:
+            return
+        interval = timedelta(seconds=inst.interval_seconds)
+        if h.instance_id in offsets:
+            first = now + timedelta(seconds=0.2 + offsets[h.instance_id])
+        elif h.failures:  # backing off: as late as the backoff says
+            assert h.next_due_at is not None
+            first = h.next_due_at
+        else:  # due one interval after its last tick, by the interval configured now
+            assert h.next_due_at is not None
+            first = min(h.next_due_at, now + interval)
+        self.scheduler.add_job(
+            self._job,
+            IntervalTrigger(seconds=inst.interval_seconds, start_date=first, timezone="UTC"),
+            args=[inst],
+            id=f"sync-{inst.id_instance}",
+            name=f"getChats {inst.id_instance}",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=inst.interval_seconds,
+            replace_existing=True,
+        )
 
     def _unschedule(self, instance_ids: Sequence[int], *, deadline: float | None = None) -> None:
         """Stop scheduling instances this replica no longer owns, and forget them; with a
         ``deadline``, first leave their snapshots for their next owner (a hand-back)."""
-        for iid in instance_ids:
-            with contextlib.suppress(JobLookupError):
-                self.scheduler.remove_job(f"sync-{iid}")
+        with self._jobs_lock:
+            if not self._closing:  # stopping: the scheduler goes with all its jobs
+                for iid in instance_ids:
+                    with contextlib.suppress(JobLookupError):
+                        self.scheduler.remove_job(f"sync-{iid}")
         if deadline is not None:
             self._leave_snapshots(instance_ids, deadline)
         for iid in instance_ids:
@@ -295,10 +310,13 @@ class Daemon:
         """Release ``n`` instances to the other replicas: the ones not syncing now whose
         next tick is furthest away (they were just synced)."""
         candidates = []
-        for iid in self.leases.owned:
-            job = self.scheduler.get_job(f"sync-{iid}")
-            if job is not None and not self.syncer.syncing(iid):
-                candidates.append((job.next_run_time, iid))
+        with self._jobs_lock:
+            if self._closing:  # stopping: every instance is released anyway
+                return
+            for iid in self.leases.owned:
+                job = self.scheduler.get_job(f"sync-{iid}")
+                if job is not None and not self.syncer.syncing(iid):
+                    candidates.append((job.next_run_time, iid))
         chosen = [iid for _, iid in sorted(candidates, reverse=True)[:n]]
         if not chosen:
             return
@@ -344,6 +362,8 @@ class Daemon:
         """Stop taking work; wait (bounded) for running syncs. True if they all finished."""
         self._stop.set()
         deadline = time.monotonic() + self.shutdown_timeout
+        with self._jobs_lock:  # a job changing the schedule finishes that first
+            self._closing = True
         if not self.scheduler.running:
             return True
         self.scheduler.pause()

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -14,13 +15,14 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 import pytest
+from apscheduler.schedulers.base import STATE_STOPPED
 from pydantic import SecretStr
 from sqlalchemy import Engine, Table, create_engine, select, text
 
 from etl.client import GreenApiClient
 from etl.config import Instance
 from etl.db import downgrade, make_engine, upgrade
-from etl.leases import Beat, LeaseManager
+from etl.leases import Beat, Held, LeaseManager
 from etl.models import SyncRun
 from etl.scheduler import Daemon, stagger_offsets
 from etl.simulator import Fault, Simulator
@@ -235,6 +237,70 @@ class DbWriteLock:
             self.released = True
             self.conn.rollback()
             self.conn.close()
+
+
+def _stop_while(daemon: Daemon, change: Callable[[], None]) -> None:
+    """Stop ``daemon`` while a running job (in the heartbeat's executor, like the
+    heartbeat) calls ``change`` once the shutdown has begun; assert that both finish."""
+    running = threading.Event()
+    changed = threading.Event()
+
+    def change_it() -> None:
+        change()
+        changed.set()
+
+    def heartbeat() -> None:
+        running.set()
+        _wait_for(lambda: daemon.scheduler.state == STATE_STOPPED, 10, "the shutdown")
+        # on a thread of its own, which this job waits for only so long: were the change
+        # to hang, the shutdown (and so the test process) would hang with it
+        helper = threading.Thread(target=change_it, daemon=True)
+        helper.start()
+        helper.join(8.0)
+
+    # an interval job, like the heartbeat (the scheduler removes a one-off job once run)
+    daemon.scheduler.add_job(
+        heartbeat, "interval", hours=1, next_run_time=utcnow(), executor="replica"
+    )
+    assert running.wait(10)
+    assert daemon.stop() is True
+    assert changed.is_set()
+
+
+@pytest.mark.parametrize("change", ["schedule", "unschedule"])
+def test_stop_finishes_while_a_running_job_changes_the_schedule(
+    sim: Simulator,
+    engine: Engine,
+    fast_client: GreenApiClient,
+    interval_1s: list[Instance],
+    change: str,
+) -> None:
+    """APScheduler's shutdown holds its job-store lock while it waits for the running jobs.
+    A heartbeat that scheduled the instances it had just claimed, or dropped ones it lost,
+    at that moment waited for the lock, and the shutdown for the heartbeat: the daemon
+    exited 1 after ``shutdown_timeout`` with its leases held (CI: test_outages' two
+    daemons, the second stopped just as it claimed the first's instances)."""
+    daemon = Daemon(syncer=Syncer(engine, fast_client), instances=interval_1s, shutdown_timeout=5.0)
+    daemon.start(now=utcnow() + timedelta(hours=1))  # no sync fires
+    iid = interval_1s[0].id_instance
+    if change == "schedule":
+        _stop_while(daemon, lambda: daemon._schedule([Held(iid, 0, None)], utcnow(), spread=None))
+    else:
+        _stop_while(daemon, lambda: daemon._unschedule([iid]))
+
+
+@pytest.mark.parametrize(
+    "engine", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)  # replicas coordinate on PostgreSQL only
+def test_stop_finishes_while_a_heartbeat_looks_for_instances_to_hand_back(
+    sim: Simulator, engine: Engine, fast_client: GreenApiClient, interval_1s: list[Instance]
+) -> None:
+    """The same for a heartbeat choosing what to hand back (it reads the jobs)."""
+    daemon = Daemon(syncer=Syncer(engine, fast_client), instances=interval_1s, shutdown_timeout=5.0)
+    daemon.start(now=utcnow() + timedelta(hours=1))  # no sync fires
+    daemon._heartbeat()  # the second beat claims them all (alone)
+    assert daemon.leases.owned == {i.id_instance for i in interval_1s}
+    _stop_while(daemon, lambda: daemon._hand_back(1))
 
 
 def test_never_two_syncs_of_one_instance_at_once(
