@@ -116,6 +116,9 @@ class Chat(Base):
             postgresql_where=text("current_chat_id IS NOT NULL"),
             sqlite_where=text("current_chat_id IS NOT NULL"),
         ),
+        # a stale snapshot is topped up from its instance's rows written since it
+        # (``Store.load_since``): without this, PostgreSQL read the whole table per chunk
+        Index("ix_chats_instance_change_seq", "instance_id", "change_seq"),
     )
 
     instance_id: Mapped[int] = mapped_column(
@@ -148,6 +151,7 @@ class ChatAlias(Base):
             name="fk_chat_aliases_chat",
         ),
         Index("ix_chat_aliases_chat", "instance_id", "chat_id"),
+        Index("ix_chat_aliases_instance_change_seq", "instance_id", "change_seq"),  # as chats
     )
 
     instance_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
