@@ -13,6 +13,7 @@ from sqlalchemy import Engine, event, text
 
 from etl.client import GreenApiClient
 from etl.clock import utcnow
+from etl.db import make_engine
 from etl.ids import link_ids
 from etl.scheduler import Daemon
 from etl.simulator import ChangeRates, Simulator
@@ -20,6 +21,7 @@ from etl.sync import Syncer, register_instances
 from etl.sync.fingerprints import fingerprint
 from etl.sync.identity import Identity
 from etl.sync.snapshot import PackedSnapshot, Snapshot, SnapshotCache
+from etl.sync.store import pg_sql
 from tests.conftest import make_instance
 from tests.factories import check_history_invariants, rows, scalar
 from tests.replicas import wait_for
@@ -493,3 +495,50 @@ def test_a_turn_to_persist_at_a_tick_that_changed_nothing_passes_to_the_next_tha
     assert out.chats_updated + out.chats_inserted + out.chats_removed > 0
     assert scalar(engine, snapshot_version) == version + 1  # not its turn: the owed one
     assert scalar(engine, "SELECT version FROM instance_sync_state") == version + 1
+
+
+def _plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", ()):
+        yield from _plan_nodes(child)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("sql", ["CHATS_SINCE", "ALIASES_SINCE"])
+def test_the_top_up_read_does_not_scan_the_whole_table(pg_db: str, sql: str) -> None:
+    """The top-up read, one statement per 500 instances, goes through the
+    ``(instance_id, change_seq)`` index (revision 0012). Without it PostgreSQL chose a
+    sequential scan of the whole table for every chunk: a takeover that grew with the
+    square of the fleet (docs/benchmarks.md, "The top-up read at scale")."""
+    engine = make_engine(pg_db)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO instances (id_instance, label, api_url, enabled, created_at,"
+                " updated_at) SELECT i, '', 'http://127.0.0.1:9', true, now(), now()"
+                " FROM generate_series(1, 400) i"
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO chats (instance_id, chat_id, chat_type, name, archived,"
+                " ephemeral_expiration, first_seen_at, updated_at)"
+                " SELECT i, c || '@c.us', 'user', 'n', false, 0, now(), now()"
+                " FROM generate_series(1, 400) i, generate_series(1, 250) c"
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO chat_aliases (instance_id, alias_id, chat_id, source, linked_at)"
+                " SELECT instance_id, chat_id || 'x', chat_id, 'operator', now() FROM chats"
+            )
+            conn.exec_driver_sql("ANALYZE chats")
+            conn.exec_driver_sql("ANALYZE chat_aliases")
+        with engine.connect() as conn:
+            floor = conn.execute(text("SELECT watermark FROM load_watermark")).scalar_one()
+            params = {"ids": list(range(1, 401)), "floors": [floor] * 400}
+            explained = conn.exec_driver_sql(
+                "EXPLAIN (FORMAT JSON) " + getattr(pg_sql, sql), params
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    nodes = list(_plan_nodes(explained[0]["Plan"]))
+    table = "chats" if sql == "CHATS_SINCE" else "chat_aliases"
+    scans = [n["Node Type"] for n in nodes if n.get("Relation Name") == table]
+    assert scans and "Seq Scan" not in scans, nodes
