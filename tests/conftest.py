@@ -135,6 +135,12 @@ def migrated_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
     yield request.getfixturevalue("pg_db")
 
 
+#: a test of the ``engine`` fixture on PostgreSQL only (replicas, leases, plans)
+pg_only = pytest.mark.parametrize(
+    "engine", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """A migrated database of its own on each backend, removed after the test."""

@@ -20,14 +20,11 @@ from etl.simulator import ChangeRates, Fault, Simulator
 from etl.sync import Syncer, register_instances
 from etl.sync.store import Claim
 from etl.sync.store.postgresql import instance_lock_key
-from tests.conftest import make_instance
+from tests.conftest import make_instance, pg_only
 from tests.factories import rows, scalar
 
 QUIET = ChangeRates(new=0, rename=0, archive=0, ephemeral=0, removal=0)
 VERSION = "SELECT version FROM instance_sync_state WHERE instance_id = :i"
-pg_only = pytest.mark.parametrize(
-    "engine", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
-)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from etl.models import SyncRun
 from etl.scheduler import Daemon, stagger_offsets
 from etl.simulator import Fault, Simulator
 from etl.sync import Syncer, register_instances, utcnow
-from tests.conftest import make_instance
+from tests.conftest import make_instance, pg_only
 from tests.factories import check_history_invariants, rows, scalar
 
 
@@ -187,9 +187,7 @@ class CountingLeases(LeaseManager):
         return done
 
 
-@pytest.mark.parametrize(
-    "engine", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
-)  # replicas coordinate on PostgreSQL only
+@pg_only  # replicas coordinate on PostgreSQL only
 def test_replica_heartbeat_keeps_time_while_every_sync_worker_is_busy(
     sim: Simulator, engine: Engine, fast_client: GreenApiClient, interval_1s: list[Instance]
 ) -> None:
@@ -289,9 +287,7 @@ def test_stop_finishes_while_a_running_job_changes_the_schedule(
         _stop_while(daemon, lambda: daemon._unschedule([iid]))
 
 
-@pytest.mark.parametrize(
-    "engine", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
-)  # replicas coordinate on PostgreSQL only
+@pg_only  # replicas coordinate on PostgreSQL only
 def test_stop_finishes_while_a_heartbeat_looks_for_instances_to_hand_back(
     sim: Simulator, engine: Engine, fast_client: GreenApiClient, interval_1s: list[Instance]
 ) -> None:

@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql
 from etl.models import PG_CHANGE_SEQ, chats_t, events_t, history_t
 from etl.sync.plan import FirstLoad, TickPlan
 from etl.sync.rules import MAX_CLOCK_SKEW, first_valid_from_sql
-from etl.sync.store.base import UPSERT_UPDATES, SnapshotWrite
+from etl.sync.store.base import STORED_CHAT, UPSERT_UPDATES, SnapshotWrite
 
 # The lock is taken in ``l`` (materialised, so exactly once) before ``b`` bumps the state;
 # ON CONFLICT DO UPDATE and UPDATE work on the row's latest committed version, even one
@@ -74,14 +74,14 @@ WHERE c.instance_id = %(iid)s AND c.chat_id = ANY(%(ids)s)
 """
 
 
-#: the rows of some instances written at or above each one's floor (``load_since``);
-#: parameters: instance ids, floors (two arrays of the same length)
-CHATS_SINCE = """
-SELECT c.instance_id, c.chat_id, c.chat_type, c.name, c.archived, c.ephemeral_expiration,
-       c.ephemeral_setting_at, c.removed_at, c.current_chat_id
+#: the rows of some instances written at or above each one's floor (``load_since``): the
+#: instance, then the columns ``Store.chats_since`` reads, in its order; parameters:
+#: instance ids, floors (two arrays of the same length)
+CHATS_SINCE = f"""
+SELECT c.instance_id, {", ".join(f"c.{col.name}" for col in STORED_CHAT)}, c.current_chat_id
 FROM unnest(%(ids)s::bigint[], %(floors)s::bigint[]) AS f (iid, floor)
 JOIN chats c ON c.instance_id = f.iid AND c.change_seq >= f.floor
-"""
+"""  # noqa: S608 (column names from the model; values are parameters)
 ALIASES_SINCE = """
 SELECT a.instance_id, a.alias_id, a.chat_id
 FROM unnest(%(ids)s::bigint[], %(floors)s::bigint[]) AS f (iid, floor)
